@@ -1,0 +1,168 @@
+"""Helpers every stage needs: clear errors, atomic and deterministic writes, checksums, seeding, device choice,
+and the self-describing model checkpoint."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import random
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+CHECKPOINT_FORMAT = "cifar-pipeline/checkpoint/1"
+
+
+class PipelineError(Exception):
+    """A mistake a user can make (bad params, bad data, wrong file): printed as one clear message, no traceback."""
+
+
+def run_stage(main: Callable[[], None]) -> None:
+    """Run a stage's main(), turning PipelineError into a one-line message and exit status 2."""
+    try:
+        main()
+    except PipelineError as error:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+def log(message: str) -> None:
+    print(message, flush=True)
+
+
+# ---------------------------------------------------------------- files
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; on success it is renamed over `path`, on failure removed.
+    Readers therefore see either the old file or the complete new one, never a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def write_bytes(path: str | Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | Path, what: str) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: {what} not found; run the stage that writes it first (dvc repro)")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise PipelineError(f"{path}: {what} is not valid JSON ({error})") from None
+
+
+def save_torch(obj: Any, path: str | Path) -> None:
+    """torch.save, deterministically and atomically. torch names the archive's inner folder after the file it
+    writes to, so saving into memory (always named 'archive') keeps the bytes independent of temp names."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getvalue())
+
+
+def load_torch(path: str | Path, what: str) -> Any:
+    """torch.load with weights_only=True (no code runs on unpickling) and a clear error for a wrong file."""
+    path = Path(path)
+    if not path.is_file():
+        raise PipelineError(f"{path}: {what} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError or zipfile errors by case
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise PipelineError(
+            f"{path}: cannot load {what}: not a checkpoint of plain tensors and values "
+            f"(refused or unreadable: {first_line})"
+        ) from None
+
+
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------- runtime
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)  # also seeds CUDA
+
+
+def pick_device() -> torch.device:
+    """cuda, then mps, then cpu. PIPELINE_DEVICE=cpu (or cuda:1, ...) overrides."""
+    forced = os.environ.get("PIPELINE_DEVICE")
+    if forced:
+        return torch.device(forced)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def cpu_supports_bf16() -> bool:
+    """True where oneDNN has native bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 is emulated and slow."""
+    try:
+        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+# ---------------------------------------------------------------- checkpoint
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load and check a model checkpoint written by the train stage (see train.make_checkpoint)."""
+    checkpoint = load_torch(path, "model checkpoint")
+    if not isinstance(checkpoint, dict) or "format" not in checkpoint:
+        raise PipelineError(f"{path}: not a checkpoint of this pipeline (no 'format' field)")
+    if checkpoint["format"] != CHECKPOINT_FORMAT:
+        raise PipelineError(
+            f"{path}: checkpoint format {checkpoint['format']!r} is not supported; expected {CHECKPOINT_FORMAT!r}"
+        )
+    missing = [key for key in ("model", "model_config", "classes", "image_size", "mean", "std", "state_dict")
+               if key not in checkpoint]
+    if missing:
+        raise PipelineError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    return checkpoint
+
+
+def load_split(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """A prepared split written by normalize: uint8 images N x 3 x H x W and int64 labels."""
+    split = load_torch(path, "prepared data split")
+    if not isinstance(split, dict) or "images" not in split or "labels" not in split:
+        raise PipelineError(f"{path}: not a prepared data split (expected 'images' and 'labels')")
+    return split["images"], split["labels"]
