@@ -112,7 +112,7 @@ SCHEMA: dict[str, Any] = {
         "model": Choice(MODELS),
         "mlp": {"hidden": IntList(min_len=0)},
         "cnn": {"channels": IntList(min_len=3)},
-        "airnet": {"widths": IntList(min_len=3), "whiten_width": Num(integer=True, ge=6)},
+        "airnet": {"widths": IntList(min_len=3), "whiten_bias_epochs": Num(ge=0)},
         "resnet18": {"input_size": Num(integer=True, ge=32, le=1024)},
         "pretrained": Text(describe="none or a path to a torchvision state_dict file"),
         "freeze_backbone": Bool(),

@@ -1,0 +1,355 @@
+"""train: fit the model chosen in params `train` on data/prepared/train.pt, monitor on val.pt, and write the
+self-describing checkpoint models/model.pth plus metrics/train.json, metrics/history.csv and
+metrics/train_time.json (wall-clock numbers live only there, so every other output is bit-reproducible).
+
+The whole training split sits in memory as one uint8 tensor (on the GPU when there is one); each epoch draws a
+seeded permutation and augments whole batches at once. A resume checkpoint is written after every epoch to
+models/resume/ (not a DVC output, so DVC does not delete it before a rerun); it is bound to a fingerprint of the
+params and data and is used only when both match. Runs under torchrun (DistributedDataParallel) when
+train.nproc > 1."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from stages.augment import augment_batch
+from stages.common import (CHECKPOINT_FORMAT, PipelineError, file_digest, load_split, load_torch, log,
+                           pick_device, read_json, run_stage, save_torch, seed_everything, write_json, write_text)
+from stages.config import load_params
+from stages.models import (CONV_NETS, ImageClassifier, autocast_dtype, bias_and_norm_parameters, build_model,
+                           infer, load_pretrained, model_config)
+
+PREPARED = Path("data/prepared")
+MODEL_PATH = Path("models/model.pth")
+RESUME_PATH = Path("models/resume/train.pt")
+METRICS_PATH = Path("metrics/train.json")
+TIME_PATH = Path("metrics/train_time.json")
+HISTORY_PATH = Path("metrics/history.csv")
+HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+WHITENING_SAMPLE = 5000  # images used to estimate the airnet stem's patch covariance
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def relaunch_under_torchrun(nproc: int) -> None:
+    """train.nproc > 1: run this same stage under torchrun, one process per worker, and exit with its status."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "stages.train"]
+    log(f"train.nproc={nproc}: {' '.join(command[1:])}")
+    sys.exit(subprocess.call(command))
+
+
+def init_distributed(device: torch.device) -> tuple[int, int]:
+    """(rank, world size); (0, 1) for a plain single-process run."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend)
+    if device.type == "cpu":  # share the cores instead of every rank spinning on all of them
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
+    return dist.get_rank(), world
+
+
+def all_reduce_sum(values: list[float], device: torch.device, world: int) -> list[float]:
+    if world == 1:
+        return values
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.tolist()
+
+
+# ---------------------------------------------------------------- schedule and optimizer
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Learning-rate multiplier at `step` (0-based): linear warm-up from 0 over `warmup_steps`, then constant,
+    linear decay to 0, or cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def make_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.SGD:
+    """SGD with two parameter groups: BatchNorm parameters get lr * bias_lr_scale (and weight decay divided by
+    it, so lr x wd stays the same), everything else the base rate. With decoupled weight decay the decay is
+    applied to the weights directly in `apply_weight_decay`, not through the gradient and momentum."""
+    special = bias_and_norm_parameters(model)
+    # Frozen parameters stay in the groups (SGD skips them while they have no gradient): airnet's stem bias
+    # trains only for the first epochs.
+    trainable = list(model.parameters())
+    scale, wd = train["bias_lr_scale"], train["weight_decay"]
+    coupled_wd = 0.0 if train["decoupled_weight_decay"] else wd
+    groups = [
+        {"params": [p for p in trainable if id(p) not in special], "lr_scale": 1.0, "wd": wd},
+        {"params": [p for p in trainable if id(p) in special], "lr_scale": scale, "wd": wd / scale},
+    ]
+    for group in groups:
+        group["weight_decay"] = coupled_wd / group["lr_scale"] if coupled_wd else 0.0
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=train["lr"], momentum=train["momentum"],
+                           nesterov=train["nesterov"] and train["momentum"] > 0)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = base_lr * group["lr_scale"]
+
+
+@torch.no_grad()
+def apply_weight_decay(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+    """Decoupled weight decay (SGDW): w <- w * (1 - lr_t * wd), the same for every group."""
+    for group in optimizer.param_groups:
+        factor = 1.0 - base_lr * group["lr_scale"] * group["wd"]
+        for p in group["params"]:
+            if p.requires_grad and p.ndim > 1:  # biases and norm shifts are not decayed
+                p.mul_(factor)
+
+
+# ---------------------------------------------------------------- weight averaging
+
+
+class EMA:
+    """Exponential moving average of all weights and BatchNorm statistics, updated every step."""
+
+    def __init__(self, model: nn.Module, decay: float) -> None:
+        self.decay = decay
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        for key, value in model.state_dict().items():
+            if value.is_floating_point():
+                self.state[key].lerp_(value, 1.0 - self.decay)
+            else:
+                self.state[key].copy_(value)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def fingerprint(params: dict[str, Any], world: int) -> str:
+    """Identifies a training run: the train params, the data files and the process count. A resume checkpoint
+    from any other run is ignored."""
+    digest = hashlib.sha256(json.dumps(params["train"], sort_keys=True).encode())
+    for name in ("train.pt", "val.pt", "meta.json"):
+        digest.update(file_digest(PREPARED / name).encode())
+    digest.update(f"{torch.__version__} world={world}".encode())
+    return digest.hexdigest()
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def evaluate_split(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                   device: torch.device, dtype: torch.dtype | None, channels_last: bool) -> tuple[float, float]:
+    logits = infer(model, images, batch_size, 1, device, dtype, channels_last)
+    loss = F.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
+def write_history(rows: list[dict[str, Any]]) -> None:
+    def cell(value: Any) -> str:
+        return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
+    lines = [",".join(HISTORY_COLUMNS)] + [",".join(cell(row[c]) for c in HISTORY_COLUMNS) for row in rows]
+    write_text(HISTORY_PATH, "\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------- main
+
+
+def train(params: dict[str, Any]) -> None:
+    cfg = params["train"]
+    device = pick_device()
+    rank, world = init_distributed(device)
+    is_main = rank == 0
+    say = log if is_main else (lambda message: None)
+    if device.type == "cuda":
+        if world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not cfg["deterministic"]
+        if cfg["deterministic"]:
+            torch.use_deterministic_algorithms(True)
+
+    meta = read_json(PREPARED / "meta.json", "data summary")
+    train_images, train_labels = load_split(PREPARED / "train.pt")
+    val_images, val_labels = load_split(PREPARED / "val.pt")
+    classes, image_size = meta["classes"], meta["image_size"]
+    if train_images.shape[0] < 2:
+        raise PipelineError(f"{PREPARED / 'train.pt'}: the training split has {train_images.shape[0]} images")
+    if cfg["batch_size"] > train_images.shape[0]:
+        raise PipelineError(f"train.batch_size: {cfg['batch_size']} is larger than the training split "
+                            f"({train_images.shape[0]} images)")
+    if cfg["batch_size"] % world:
+        raise PipelineError(f"train.batch_size: {cfg['batch_size']} must be divisible by train.nproc={world}")
+
+    seed_everything(cfg["seed"])
+    model = build_model(cfg["model"], model_config(cfg), len(classes), image_size, meta["mean"], meta["std"])
+    pretrained = load_pretrained(model, cfg["pretrained"]) if cfg["pretrained"] != "none" else None
+    if hasattr(model.net, "init_from_data"):
+        model.net.init_from_data(model.normalize(train_images[:WHITENING_SAMPLE]))
+    channels_last = cfg["channels_last"] and cfg["model"] in CONV_NETS
+    model.to(device)
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    dtype = autocast_dtype(cfg["precision"], device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    optimizer = make_optimizer(model, cfg)
+    ema = EMA(model, cfg["ema"]) if cfg["ema"] > 0 else None
+
+    n_train = train_images.shape[0]
+    batch = cfg["batch_size"]
+    full, remainder = divmod(n_train, batch)
+    steps_per_epoch = full + (1 if remainder >= 2 else 0)  # a 1-image batch would break BatchNorm
+    total_steps = max(1, round(cfg["epochs"] * steps_per_epoch))
+    n_epochs = math.ceil(total_steps / steps_per_epoch)
+    warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
+
+    run_id = fingerprint(params, world)
+    history: list[dict[str, Any]] = []
+    start_epoch, elapsed = 0, 0.0
+    if RESUME_PATH.is_file():
+        state = load_torch(RESUME_PATH, "resume checkpoint")
+        if isinstance(state, dict) and state.get("fingerprint") == run_id:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            if ema is not None:
+                ema.state = state["ema"]
+            history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
+            say(f"resuming after epoch {start_epoch} from {RESUME_PATH}")
+        else:
+            say(f"ignoring {RESUME_PATH}: it belongs to other params or data")
+
+    train_images, train_labels = train_images.to(device), train_labels.to(device)
+    # airnet freezes its stem bias after a few epochs; DDP must then expect a parameter without a gradient.
+    net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=hasattr(model.net, "on_epoch_start"))
+           if world > 1 else model)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    say(f"training {cfg['model']} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}, "
+        f"{n_train} images, {n_epochs} epochs of {steps_per_epoch} steps, batch {batch}, "
+        f"precision {dtype or torch.float32}".replace("torch.", "")
+        + (f", {world} processes" if world > 1 else ""))
+
+    for epoch in range(start_epoch, n_epochs):
+        epoch_start = time.perf_counter()
+        net.train()
+        if hasattr(model.net, "on_epoch_start"):
+            model.net.on_epoch_start(epoch)
+        generator = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
+        order = torch.randperm(n_train, generator=generator)
+        loss_sum = correct = seen = 0.0
+        next_log = cfg["log_every"]
+        steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
+        for step_in_epoch in range(steps):
+            step = epoch * steps_per_epoch + step_in_epoch
+            indices = order[step_in_epoch * batch:(step_in_epoch + 1) * batch]
+            indices = indices[rank::world].to(device)  # this rank's share of the global batch
+            images = augment_batch(train_images[indices], cfg["augment"]["flip"], cfg["augment"]["translate"],
+                                   generator).float()
+            if channels_last:
+                images = images.contiguous(memory_format=torch.channels_last)
+            labels = train_labels[indices]
+            base_lr = cfg["lr"] * lr_factor(step, total_steps, warmup_steps, cfg["schedule"])
+            set_lr(optimizer, base_lr)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = net(images)
+                loss = loss_fn(logits.float(), labels)
+            if not torch.isfinite(loss):
+                raise PipelineError(
+                    f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1} "
+                    f"(lr {base_lr:.4g}). Most likely train.lr={cfg['lr']} is too high for this model and "
+                    f"batch size; try a smaller lr or a longer warm-up. No model was saved.")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            if cfg["decoupled_weight_decay"] and cfg["weight_decay"] > 0:
+                apply_weight_decay(optimizer, base_lr)
+            scaler.step(optimizer)
+            scaler.update()
+            if ema is not None:
+                ema.update(model)
+            loss_sum += loss.item() * labels.shape[0]
+            correct += (logits.argmax(1) == labels).sum().item()
+            seen += labels.shape[0]
+            if seen * world >= next_log and is_main:
+                say(f"[epoch {epoch + 1}, {int(seen * world):>6d} images] loss: {loss_sum / seen:.3f}")
+                next_log += cfg["log_every"]
+        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], device, world)
+        train_seconds = time.perf_counter() - epoch_start
+
+        eval_model = model
+        if ema is not None:
+            eval_model = build_model(cfg["model"], model_config(cfg), len(classes), image_size, meta["mean"],
+                                     meta["std"]).to(device)
+            eval_model.load_state_dict(ema.state)
+        val_loss = val_acc = None
+        if val_images.shape[0] and is_main:
+            val_loss, val_acc = evaluate_split(eval_model, val_images, val_labels, max(batch, 256), device,
+                                               dtype, channels_last)
+        elapsed += time.perf_counter() - epoch_start
+        history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
+                        "val_loss": val_loss, "val_acc": val_acc, "lr": base_lr})
+        val_text = f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_loss is not None else ""
+        say(f"epoch {epoch + 1:>3d}/{n_epochs}  train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}"
+            f"{val_text}  lr {base_lr:.3g}  {train_seconds:.1f}s  {seen / train_seconds:,.0f} img/s")
+        if is_main:
+            save_torch({"fingerprint": run_id, "epoch": epoch + 1, "elapsed": elapsed, "history": history,
+                        "model": plain_state_dict(model), "optimizer": optimizer.state_dict(),
+                        "ema": ema.state if ema is not None else None}, RESUME_PATH)
+
+    if is_main:
+        final_state = {k: v.detach().cpu().clone() for k, v in ema.state.items()} if ema else plain_state_dict(model)
+        checkpoint = {
+            "format": CHECKPOINT_FORMAT, "model": cfg["model"], "model_config": model_config(cfg),
+            "classes": classes, "image_size": image_size, "mean": meta["mean"], "std": meta["std"],
+            "state_dict": final_state, "train": cfg, "pretrained": pretrained, "epochs_completed": n_epochs,
+            "torch_version": torch.__version__.split("+")[0],
+        }
+        save_torch(checkpoint, MODEL_PATH)
+        last = history[-1]
+        metrics: dict[str, Any] = {"train": {"loss": round(last["train_loss"], 6), "acc": round(last["train_acc"], 6)}}
+        if last["val_loss"] is not None:
+            metrics["val"] = {"loss": round(last["val_loss"], 6), "acc": round(last["val_acc"], 6)}
+        metrics["epochs"] = n_epochs
+        write_json(METRICS_PATH, metrics)
+        write_history(history)
+        write_json(TIME_PATH, {"train_time": {"seconds": round(elapsed, 2),
+                                              "images_per_second": round(n_train * cfg["epochs"] / elapsed, 1)}})
+        shutil.rmtree(RESUME_PATH.parent, ignore_errors=True)
+        say(f"saved {MODEL_PATH} ({elapsed:.1f}s of training)")
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    params = load_params()
+    nproc = params["train"]["nproc"]
+    if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        relaunch_under_torchrun(nproc)
+    train(params)
+
+
+if __name__ == "__main__":
+    run_stage(main)
