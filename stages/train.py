@@ -264,10 +264,12 @@ def train(params: dict[str, Any]) -> None:
         steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
         for step_in_epoch in range(steps):
             step = epoch * steps_per_epoch + step_in_epoch
-            indices = order[step_in_epoch * batch:(step_in_epoch + 1) * batch]
-            indices = indices[rank::world].to(device)  # this rank's share of the global batch
+            indices = order[step_in_epoch * batch:(step_in_epoch + 1) * batch].to(device)
+            # Augment the whole global batch, then take this rank's share: every rank draws the same random
+            # numbers, so N processes see exactly the images one process would.
             images = augment_batch(train_images[indices], cfg["augment"]["flip"], cfg["augment"]["translate"],
-                                   generator).float()
+                                   generator)[rank::world].float()
+            indices = indices[rank::world]
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = train_labels[indices]

@@ -1,0 +1,89 @@
+"""The params schema: the repo's own params.yaml is valid, and every kind of mistake gets a specific message."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stages.config import ParamsError, load_params, validate
+
+REPO_PARAMS = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+
+
+def with_value(dotted: str, value: object) -> dict:
+    params = copy.deepcopy(REPO_PARAMS)
+    section = params
+    *parents, last = dotted.split(".")
+    for key in parents:
+        section = section[key]
+    section[last] = value
+    return params
+
+
+def test_repo_params_are_valid() -> None:
+    assert validate(copy.deepcopy(REPO_PARAMS))["train"]["model"] in ("mlp", "cnn", "airnet", "resnet18")
+
+
+@pytest.mark.parametrize("dotted, value, message", [
+    ("train.lr", -0.1, "train.lr: expected a value > 0, got -0.1"),
+    ("train.lr", "1e-3", "YAML reads 1e-3 as text"),
+    ("train.batch_size", 0, "train.batch_size: expected a value >= 1, got 0"),
+    ("train.batch_size", 4.5, "train.batch_size: expected an integer, got 4.5"),
+    ("train.batch_size", True, "train.batch_size: expected an integer, got True"),
+    ("train.epochs", 0, "train.epochs: expected a value > 0, got 0"),
+    ("data.val_fraction", 1.0, "data.val_fraction: expected a value < 1, got 1.0"),
+    ("data.test_fraction", 0, "data.test_fraction: expected a value > 0, got 0"),
+    ("train.model", "vgg", "train.model: expected one of mlp, cnn, airnet, resnet18; got 'vgg'"),
+    ("train.nesterov", "yes", "train.nesterov: expected true or false, got 'yes'"),
+    ("train.momentum", 1.0, "train.momentum: expected a value < 1, got 1.0"),
+    ("data.source", "ftp://example.com/x.zip", "URL scheme 'ftp' is not supported"),
+    ("data.source", "", "data.source: expected cifar10, synthetic"),
+    ("data.url", "s3://bucket/cifar.tar.gz", "data.url: expected an http(s):// or file:// URL"),
+    ("data.sha256", "abc", "data.sha256: expected null or 64 hex digits"),
+    ("data.on_error", "ignore", "data.on_error: expected one of raise, skip"),
+    ("normalize.stats", "imagenet", "normalize.stats: expected one of dataset, fixed"),
+    ("evaluate.tta", 3, "evaluate.tta: expected one of 1, 2, 6; got 3"),
+    ("train.mlp.hidden", [1024, -5], "train.mlp.hidden: expected a list of at least 0 integers >= 1"),
+    ("train.pretrained", "weights.pth", "train.pretrained: pretrained weights need train.model: resnet18"),
+    ("train.lr", float("nan"), "train.lr: expected a finite number"),
+])
+def test_bad_values_are_named(dotted: str, value: object, message: str) -> None:
+    with pytest.raises(ParamsError) as error:
+        validate(with_value(dotted, value))
+    assert message in str(error.value)
+
+
+def test_unknown_key_names_key_and_valid_ones() -> None:
+    params = copy.deepcopy(REPO_PARAMS)
+    params["train"]["lrr"] = 0.1
+    with pytest.raises(ParamsError) as error:
+        validate(params)
+    text = str(error.value)
+    assert "unknown key 'train.lrr'" in text and "did you mean 'lr'" in text and "batch_size" in text
+
+
+def test_unknown_section_and_missing_key() -> None:
+    params = copy.deepcopy(REPO_PARAMS)
+    params["trian"] = {}
+    with pytest.raises(ParamsError, match="unknown key 'trian'.*did you mean 'train'"):
+        validate(params)
+    params = copy.deepcopy(REPO_PARAMS)
+    del params["train"]["epochs"]
+    with pytest.raises(ParamsError, match="missing key 'train.epochs'"):
+        validate(params)
+
+
+def test_load_params_file_errors(tmp_path: Path) -> None:
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        load_params(bad)
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        load_params(empty)

@@ -1,0 +1,76 @@
+"""The evaluate stage: metrics, per-class accuracy, predictions that agree with the model, TTA, bad inputs."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from prepared_data import tiny_params, write_prepared
+from stages.common import PipelineError, load_checkpoint, load_split, save_torch
+from stages.config import load_params
+from stages.evaluate import evaluate
+from stages.models import infer, model_from_checkpoint
+from stages.train import train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("evaluate")
+    cwd = Path.cwd()
+    try:
+        import os
+        os.chdir(root)
+        write_prepared(root)
+        tiny_params(root, **{"train.epochs": 3})
+        train(load_params())
+    finally:
+        os.chdir(cwd)
+    return root
+
+
+@pytest.mark.parametrize("tta", [1, 2, 6])
+def test_metrics_and_predictions(trained: Path, monkeypatch: pytest.MonkeyPatch, tta: int) -> None:
+    monkeypatch.chdir(trained)
+    tiny_params(trained, **{"train.epochs": 3, "evaluate.tta": tta})
+    evaluate(load_params())
+    metrics = json.loads((trained / "metrics/test.json").read_text())
+    assert set(metrics) == {"test", "tta"} and metrics["tta"] == tta
+    assert 0.5 < metrics["test"]["acc"] <= 1.0 and metrics["test"]["loss"] > 0
+    per_class = json.loads((trained / "metrics/per_class.json").read_text())["test"]["per_class_acc"]
+    assert list(per_class) == [f"class{i}" for i in range(4)]
+    with open(trained / "metrics/predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    images, labels = load_split(trained / "data/prepared/test.pt")
+    assert len(rows) == len(labels) == 60
+    accuracy = sum(r["actual"] == r["predicted"] for r in rows) / len(rows)
+    assert accuracy == pytest.approx(metrics["test"]["acc"], abs=1e-6)
+    per_class_mean = sum(per_class.values()) / 4  # balanced classes: the mean of per-class accuracy is accuracy
+    assert per_class_mean == pytest.approx(metrics["test"]["acc"], abs=1e-6)
+    if tta == 1:  # the stored predictions are exactly the model's argmax
+        checkpoint = load_checkpoint(trained / "models/model.pth")
+        model = model_from_checkpoint(checkpoint)
+        predicted = infer(model, images, 50).argmax(1)
+        assert [checkpoint["classes"][i] for i in predicted.tolist()] == [r["predicted"] for r in rows]
+
+
+def test_image_size_mismatch_is_explained(trained: Path, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models/model.pth").write_bytes((trained / "models/model.pth").read_bytes())
+    save_torch({"images": torch.zeros(2, 3, 16, 16, dtype=torch.uint8), "labels": torch.zeros(2, dtype=torch.long)},
+               tmp_path / "data/prepared/test.pt")
+    tiny_params(tmp_path)
+    with pytest.raises(PipelineError, match="images are 16 px but the model was trained on 32 px"):
+        evaluate(load_params())
+
+
+def test_missing_model_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_prepared(tmp_path)
+    tiny_params(tmp_path)
+    with pytest.raises(PipelineError, match="models/model.pth: model checkpoint not found"):
+        evaluate(load_params())

@@ -1,0 +1,131 @@
+"""The model registry: shapes for any class count and image size, the bf16 path, checkpoints that rebuild the
+same model, pretrained weights, and refusal of files that are not our checkpoints."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import pytest
+import torch
+
+from stages.common import CHECKPOINT_FORMAT, PipelineError, load_checkpoint, save_torch
+from stages.models import (AirNet, build_model, infer, load_pretrained, model_config, model_from_checkpoint)
+
+CONFIGS = {
+    "mlp": {"hidden": [64, 32]},
+    "cnn": {"channels": [8, 16, 16]},
+    "airnet": {"widths": [16, 32, 32], "whiten_bias_epochs": 3},
+    "resnet18": {"input_size": 32, "freeze_backbone": False},
+}
+
+
+def random_images(n: int, size: int, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, 256, (n, 3, size, size), generator=torch.Generator().manual_seed(seed),
+                         dtype=torch.uint8)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("classes, size", [(10, 32), (20, 64)])
+def test_every_model_fits_any_class_count_and_size(name: str, classes: int, size: int) -> None:
+    model = build_model(name, CONFIGS[name], classes, size, [0.5] * 3, [0.25] * 3).eval()
+    with torch.no_grad():
+        assert model(random_images(2, size)).shape == (2, classes)
+
+
+def test_bf16_cpu_path_runs_forward_and_backward() -> None:
+    model = build_model("airnet", CONFIGS["airnet"], 10, 32, [0.5] * 3, [0.25] * 3)
+    model.net.init_from_data(model.normalize(random_images(64, 32)))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = model(random_images(8, 32).float())
+    assert logits.dtype == torch.bfloat16
+    logits.float().sum().backward()
+    assert model.net.head.weight.grad is not None and torch.isfinite(model.net.head.weight.grad).all()
+
+
+def test_airnet_stem_whitens_patches() -> None:
+    net = AirNet(10, 32, [8, 8, 8], 3)
+    x = random_images(200, 32).float() / 255
+    x[:, 1] = 0.8 * x[:, 0] + 0.2 * x[:, 1]  # correlated channels
+    net.init_from_data(x)
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(x, net.whiten.weight[:12])  # the 12 eigen-filters, no negatives
+    flat = out.permute(1, 0, 2, 3).reshape(12, -1)
+    covariance = flat @ flat.T / flat.shape[1]
+    assert torch.allclose(covariance.diagonal()[:6], torch.ones(6), atol=0.05)  # the strong directions are unit
+
+
+def make_checkpoint(name: str, path: Path, classes: int = 3) -> torch.nn.Module:
+    model = build_model(name, CONFIGS[name], classes, 32, [0.4] * 3, [0.2] * 3)
+    save_torch({"format": CHECKPOINT_FORMAT, "model": name, "model_config": CONFIGS[name],
+                "classes": [f"c{i}" for i in range(classes)], "image_size": 32, "mean": [0.4] * 3,
+                "std": [0.2] * 3, "state_dict": model.state_dict(), "train": {}, "pretrained": None}, path)
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", ["mlp", "airnet"])
+def test_checkpoint_rebuilds_the_same_model(tmp_path: Path, name: str) -> None:
+    original = make_checkpoint(name, tmp_path / "model.pth")
+    rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "model.pth"))
+    x = random_images(4, 32)
+    assert torch.equal(infer(original, x, 2), infer(rebuilt, x, 2))
+
+
+class RunsCode:
+    def __reduce__(self):  # unpickling this would run a shell command
+        return (os.system, ("touch pwned",))
+
+
+def test_crafted_and_foreign_files_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    torch.save({"format": CHECKPOINT_FORMAT, "payload": RunsCode()}, tmp_path / "evil.pth")
+    with pytest.raises(PipelineError, match="cannot load model checkpoint"):
+        load_checkpoint(tmp_path / "evil.pth")
+    assert not (tmp_path / "pwned").exists()
+    save_torch(torch.zeros(3), tmp_path / "tensor.pth")
+    with pytest.raises(PipelineError, match="not a checkpoint of this pipeline"):
+        load_checkpoint(tmp_path / "tensor.pth")
+    save_torch({"format": "cifar-pipeline/checkpoint/0"}, tmp_path / "old.pth")
+    with pytest.raises(PipelineError, match="format 'cifar-pipeline/checkpoint/0' is not supported"):
+        load_checkpoint(tmp_path / "old.pth")
+    (tmp_path / "text.pth").write_bytes(pickle.dumps("hello"))
+    with pytest.raises(PipelineError, match="cannot load"):
+        load_checkpoint(tmp_path / "text.pth")
+    with pytest.raises(PipelineError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pth")
+
+
+def torchvision_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A weights file in torchvision's ResNet-18 state_dict layout (1000 ImageNet classes)."""
+    from torchvision.models import resnet18
+    torch.manual_seed(123)
+    state = resnet18(num_classes=1000).state_dict()
+    torch.save(state, path)
+    return state
+
+
+def test_pretrained_weights_are_loaded(tmp_path: Path) -> None:
+    state = torchvision_weights(tmp_path / "resnet18.pth")
+    torch.manual_seed(0)
+    model = build_model("resnet18", CONFIGS["resnet18"], 5, 32, [0.5] * 3, [0.25] * 3)
+    before = model.net.resnet.conv1.weight.detach().clone()
+    info = load_pretrained(model, str(tmp_path / "resnet18.pth"))
+    assert not torch.equal(before, state["conv1.weight"])
+    assert torch.equal(model.net.resnet.conv1.weight, state["conv1.weight"])
+    assert model.net.resnet.fc.weight.shape == (5, 512)  # the 1000-class head is not taken
+    assert len(info["sha256"]) == 64 and info["path"].endswith("resnet18.pth")
+
+
+def test_pretrained_errors(tmp_path: Path) -> None:
+    model = build_model("resnet18", CONFIGS["resnet18"], 5, 32, [0.5] * 3, [0.25] * 3)
+    with pytest.raises(PipelineError, match="not found. Weights are never downloaded"):
+        load_pretrained(model, str(tmp_path / "missing.pth"))
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
+    with pytest.raises(PipelineError, match="not a ResNet-18 state_dict; missing"):
+        load_pretrained(model, str(tmp_path / "partial.pth"))
+
+
+def test_model_config_carries_freeze_flag() -> None:
+    train = {"model": "resnet18", "resnet18": {"input_size": 64}, "freeze_backbone": True}
+    assert model_config(train) == {"input_size": 64, "freeze_backbone": True}
