@@ -9,6 +9,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -98,11 +99,22 @@ def load_torch(path: str | Path, what: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises UnpicklingError, RuntimeError or zipfile errors by case
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise PipelineError(
-            f"{path}: cannot load {what}: not a checkpoint of plain tensors and values "
-            f"(refused or unreadable: {first_line})"
-        ) from None
+        raise PipelineError(f"{path}: cannot load {what}: not a file of plain tensors and values "
+                            f"(refused or unreadable: {_load_failure_reason(error)})") from None
+
+
+def _load_failure_reason(error: Exception) -> str:
+    """The informative line of torch.load's error, without its terminal colour codes and without its advice to
+    load the file unsafely."""
+    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
+    for line in lines:
+        if line.startswith("WeightsUnpickler error:"):
+            return line.removeprefix("WeightsUnpickler error:").strip()
+        if "unsupported GLOBAL" in line or "Unsupported global" in line:
+            return line
+    if lines and lines[0].startswith("Weights only load failed"):
+        return "it holds objects other than tensors and plain values, which are never unpickled"
+    return next((line for line in lines if line), type(error).__name__)
 
 
 def file_digest(path: str | Path, algorithm: str = "sha256") -> str:

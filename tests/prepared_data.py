@@ -44,7 +44,7 @@ def tiny_params(root: Path, **overrides: Any) -> dict[str, Any]:
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     settings = {"train.model": "cnn", "train.cnn.channels": [8, 16, 16], "train.epochs": 2, "train.batch_size": 32,
                 "train.lr": 0.1, "train.warmup_epochs": 0.5, "train.log_every": 100, "train.label_smoothing": 0.0,
-                "evaluate.tta": 1, "evaluate.batch_size": 50}
+                "train.bias_lr_scale": 1.0, "train.averaging": "none", "evaluate.tta": 1, "evaluate.batch_size": 50}
     settings.update(overrides)
     for dotted, value in settings.items():
         section = params

@@ -42,7 +42,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     ("mlp", {"train.mlp.hidden": [64], "train.lr": 0.05}),
     ("cnn", {}),
     ("airnet", {"train.airnet.widths": [16, 32, 32], "train.lr": 0.2, "train.bias_lr_scale": 4.0,
-                "train.ema": 0.9}),
+                "train.averaging": "ema", "train.averaging_decay": 0.9, "train.averaging_start": 0.0}),
+    ("airnet", {"train.airnet.widths": [16, 32, 32], "train.lr": 0.2, "train.averaging": "lookahead",
+                "train.averaging_start": 1.0}),
 ])
 def test_each_model_learns_and_writes_a_self_describing_checkpoint(workdir: Path, model: str,
                                                                    overrides: dict) -> None:
@@ -60,7 +62,8 @@ def test_each_model_learns_and_writes_a_self_describing_checkpoint(workdir: Path
 
 
 def test_two_runs_are_bit_identical(workdir: Path) -> None:
-    tiny_params(workdir, **{"train.model": "airnet", "train.airnet.widths": [8, 16, 16], "train.ema": 0.5})
+    tiny_params(workdir, **{"train.model": "airnet", "train.airnet.widths": [8, 16, 16],
+                            "train.averaging": "lookahead", "train.averaging_start": 1.0})
     outputs = ["models/model.pth", "metrics/history.csv", "metrics/train.json"]
     train(load_params())
     first = [md5(workdir / p) for p in outputs]
@@ -99,7 +102,7 @@ def stage(root: Path) -> subprocess.Popen:
 
 def test_sigkill_mid_training_resumes_to_identical_bytes(workdir: Path) -> None:
     tiny_params(workdir, **{"train.model": "airnet", "train.airnet.widths": [8, 16, 16], "train.epochs": 4,
-                            "train.ema": 0.5})
+                            "train.averaging": "lookahead", "train.averaging_start": 1.0})
     assert stage(workdir).wait(timeout=300) == 0
     reference = md5(workdir / "models" / "model.pth")
     (workdir / "models" / "model.pth").unlink()

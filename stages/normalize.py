@@ -1,0 +1,279 @@
+"""normalize stage: decode data/raw/ once into compact tensors in data/prepared/.
+
+- train.pt, val.pt, test.pt: {"images": uint8 N x 3 x S x S, "labels": int64 N} (read back with
+  stages.common.load_split). The validation split is a seeded, stratified share (data.val_fraction) of the
+  training data; only evaluate touches test.
+- meta.json: class names, image size, the per-channel normalization (`normalize.stats`: `dataset` = mean/std of
+  the training split's pixels scaled to 0..1, `fixed` = the seed's 0.5/0.5), sample counts per split and class,
+  the source description written by download, and any skipped unreadable files. It is also the data summary the
+  report shows.
+
+CIFAR-10 and synthetic data are 32x32 already (resized only when data.image_size differs); image folders are
+decoded by stages.images (rules in its docstring). A flat `<class>/*` folder is split into train and test here,
+seeded and stratified by data.test_fraction. The sample order is fixed (CIFAR batch order, or sorted file
+names), so the same inputs always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import pickle
+import time
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stages.common import PipelineError, log, read_json, run_stage, save_torch, write_json
+from stages.config import load_params
+from stages.images import ImageDecodeError, decode_images, resize_square
+
+# The raw layout written by the download stage (stages/download.py); repeated here so that this stage does not
+# depend on the download code.
+RAW_DIR = Path("data/raw")
+CIFAR10_DIR = "cifar-10-batches-py"
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+IMAGES_ZIP = "images.zip"
+
+PREPARED_DIR = Path("data/prepared")
+SPLITS = ("train", "val", "test")
+_RESIZE_CHUNK = 2048  # images resized per call: bounds the temporary memory
+
+
+def main() -> None:
+    params = load_params()
+    normalize(params["data"], params["normalize"])
+
+
+def normalize(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+    """Write data/prepared/{train,val,test}.pt and meta.json; return the meta dict."""
+    started = time.perf_counter()
+    source = read_json(RAW_DIR / "source.json", "the raw data description (written by the download stage)")
+    size = data["image_size"]
+    kind = source.get("kind") if isinstance(source, dict) else None
+    skipped: list[dict[str, str]] = []
+    if kind in ("cifar10", "synthetic"):
+        classes, train, test = load_cifar(RAW_DIR / CIFAR10_DIR, size)
+    elif kind == "images":
+        classes, train, test, skipped = load_image_zip(RAW_DIR / IMAGES_ZIP, size, data, source)
+    else:
+        raise PipelineError(f"{RAW_DIR}/source.json: unknown kind {kind!r} (expected cifar10, synthetic or "
+                            f"images); rerun the download stage")
+    kept, held = stratified_split(train[1], data["val_fraction"], data["seed"], "val")
+    splits = {"train": (train[0][kept], train[1][kept]), "val": (train[0][held], train[1][held]), "test": test}
+    if settings["stats"] == "dataset":
+        mean, std = channel_stats(splits["train"][0])
+    else:
+        mean, std = [0.5] * 3, [0.5] * 3
+    meta = {
+        "classes": classes,
+        "image_size": size,
+        "stats": settings["stats"],
+        "mean": mean,
+        "std": std,
+        "splits": {name: len(labels) for name, (_, labels) in splits.items()},
+        "counts": {name: class_counts(labels, classes) for name, (_, labels) in splits.items()},
+        "source": source,
+        "skipped": skipped,
+        "skipped_count": len(skipped),
+    }
+    # Everything is computed before the first write, so a failure leaves the previous outputs untouched.
+    for name, (images, labels) in splits.items():
+        save_torch({"images": _compact(images), "labels": _compact(labels.to(torch.int64))},
+                   PREPARED_DIR / f"{name}.pt")
+    write_json(PREPARED_DIR / "meta.json", meta)
+    counts = meta["splits"]
+    log(f"normalize: {len(classes)} classes, {counts['train']} train / {counts['val']} val / {counts['test']} test "
+        f"images at {size}x{size}, {len(skipped)} skipped, in {time.perf_counter() - started:.1f} s")
+    return meta
+
+
+def _compact(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous tensor that owns exactly its data: torch.save writes a view's whole underlying storage."""
+    if tensor.is_contiguous() and tensor.untyped_storage().nbytes() == tensor.nbytes:
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
+
+
+# ---------------------------------------------------------------- CIFAR-10 python format
+
+
+def _numpy_reconstruct() -> Any:
+    try:
+        from numpy._core.multiarray import _reconstruct  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core.multiarray import _reconstruct
+    return _reconstruct
+
+
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickling can run arbitrary code; a CIFAR batch needs nothing but numpy arrays, so only the functions
+    that rebuild them are allowed (any other global is refused)."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
+            return _numpy_reconstruct()
+        if (module, name) == ("numpy", "ndarray"):
+            return np.ndarray
+        if (module, name) == ("numpy", "dtype"):
+            return np.dtype
+        if (module, name) == ("_codecs", "encode"):  # bytes in protocol-2 pickles written by Python 3
+            import codecs
+            return codecs.encode
+        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of the CIFAR-10 format)")
+
+
+def _unpickle(path: Path) -> dict[bytes, Any]:
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing; rerun the download stage (dvc repro)")
+    try:
+        with open(path, "rb") as handle:
+            # The official files were pickled by Python 2: their str keys load as bytes with encoding='bytes'.
+            obj = _BatchUnpickler(handle, encoding="bytes").load()
+    except Exception as error:  # a damaged pickle raises almost anything (UnpicklingError, EOFError, ValueError...)
+        raise PipelineError(f"{path}: not a readable CIFAR-10 batch file ({type(error).__name__}: {error})") from None
+    if not isinstance(obj, dict):
+        raise PipelineError(f"{path}: not a CIFAR-10 batch file (expected a pickled dict, got {type(obj).__name__})")
+    return obj
+
+
+def _load_batch(path: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    batch = _unpickle(path)
+    data, labels = batch.get(b"data"), batch.get(b"labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        described = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else repr(type(data))
+        raise PipelineError(f"{path}: 'data' must be a uint8 array N x 3072 (32x32 RGB), got {described}")
+    if (not isinstance(labels, list) or len(labels) != data.shape[0]
+            or not all(isinstance(v, int) and 0 <= v < num_classes for v in labels)):
+        raise PipelineError(f"{path}: 'labels' must be a list of {data.shape[0]} class numbers 0..{num_classes - 1}")
+    images = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, 3, 32, 32)
+    return images, torch.tensor(labels, dtype=torch.int64)
+
+
+def load_cifar(folder: Path, size: int) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor],
+                                                  tuple[torch.Tensor, torch.Tensor]]:
+    """(class names, (train images, labels), (test images, labels)) from the CIFAR-10 python batches."""
+    meta_path = folder / "batches.meta"
+    names = _unpickle(meta_path).get(b"label_names")
+    if (not isinstance(names, list) or len(names) < 2
+            or not all(isinstance(name, (bytes, str)) and name for name in names)):
+        raise PipelineError(f"{meta_path}: 'label_names' must be a list of at least 2 class names")
+    classes = [name.decode("utf-8") if isinstance(name, bytes) else name for name in names]
+    parts = [_load_batch(folder / name, len(classes)) for name in CIFAR10_TRAIN_BATCHES]
+    train = torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
+    test = _load_batch(folder / "test_batch", len(classes))
+    if size != 32:
+        train, test = (_resize_all(train[0], size), train[1]), (_resize_all(test[0], size), test[1])
+    return classes, train, test
+
+
+def _resize_all(images: torch.Tensor, size: int) -> torch.Tensor:
+    out = torch.empty((len(images), 3, size, size), dtype=torch.uint8)
+    for start in range(0, len(images), _RESIZE_CHUNK):
+        out[start:start + _RESIZE_CHUNK] = resize_square(images[start:start + _RESIZE_CHUNK], size)
+    return out
+
+
+# ---------------------------------------------------------------- image folders
+
+
+def load_image_zip(path: Path, size: int, data: dict[str, Any], source: dict[str, Any]) -> tuple[
+        list[str], tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], list[dict[str, str]]]:
+    """Decode the canonical images.zip (members train|test|all/<class>/<path>, see stages/download.py).
+    Returns (classes, train, test, skipped files); an `all/` layout is split by data.test_fraction here."""
+    if not path.is_file():
+        raise PipelineError(f"{path} is missing; rerun the download stage (dvc repro)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = sorted(name for name in archive.namelist() if not name.endswith("/"))
+            blobs = [archive.read(name) for name in names]
+    except (zipfile.BadZipFile, OSError, RuntimeError) as error:
+        raise PipelineError(f"{path}: not a readable zip archive ({error}); rerun the download stage") from None
+    member_splits, member_classes = [], []
+    for name in names:
+        parts = name.split("/")
+        if len(parts) < 3 or parts[0] not in ("train", "test", "all"):
+            raise PipelineError(f"{path}: unexpected member {name!r} (expected train|test|all/<class>/<file>); "
+                                f"rerun the download stage")
+        member_splits.append(parts[0])
+        member_classes.append(parts[1])
+    if set(member_splits) not in ({"train", "test"}, {"all"}):
+        raise PipelineError(f"{path}: expected train/ and test/ members or only all/ members, found "
+                            f"{', '.join(sorted(set(member_splits)))}; rerun the download stage")
+    classes = sorted(set(member_classes))
+    try:
+        images, kept, skipped = decode_images(blobs, names, size, data["on_error"])
+    except ImageDecodeError as error:
+        raise PipelineError(f"{error}, in {path} (copied from {source.get('source')}); fix or remove the file, "
+                            f"or set data.on_error: skip to leave unreadable images out") from None
+    index = {name: number for number, name in enumerate(classes)}
+    labels = torch.tensor([index[member_classes[i]] for i in kept], dtype=torch.int64)
+    kept_splits = [member_splits[i] for i in kept]
+    if kept_splits and kept_splits[0] == "all":
+        train_idx, test_idx = stratified_split(labels, data["test_fraction"], data["seed"], "test", min_held=1)
+    else:
+        is_train = torch.tensor([split == "train" for split in kept_splits], dtype=torch.bool)
+        train_idx, test_idx = is_train.nonzero().flatten(), (~is_train).nonzero().flatten()
+    train = images[train_idx], labels[train_idx]
+    missing = [cls for cls, n in class_counts(train[1], classes).items() if n == 0]
+    if missing:
+        raise PipelineError(f"{path}: class {missing[0]!r} has no readable training image left "
+                            f"({len(skipped)} unreadable files skipped)")
+    if skipped:
+        log(f"normalize: skipped {len(skipped)} unreadable images (listed in {PREPARED_DIR}/meta.json), "
+            f"e.g. {skipped[0]['file']}: {skipped[0]['reason']}")
+    return classes, train, (images[test_idx], labels[test_idx]), skipped
+
+
+# ---------------------------------------------------------------- splits and statistics
+
+
+def derived_seed(seed: int, purpose: str) -> int:
+    """A generator seed per purpose (val, test), so the splits do not depend on each other."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:8], "little") >> 1
+
+
+def stratified_split(labels: torch.Tensor, fraction: float, seed: int, purpose: str,
+                     min_held: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(kept, held) ascending index tensors. Per class, round(fraction x n) randomly chosen samples are held out
+    (at least `min_held`, and always leaving one sample of the class in `kept`)."""
+    generator = torch.Generator().manual_seed(derived_seed(seed, purpose))
+    held = []
+    for cls in torch.unique(labels).tolist():  # sorted
+        members = (labels == cls).nonzero().flatten()
+        count = len(members)
+        take = min(max(math.floor(fraction * count + 0.5), min_held), count - 1)
+        held.append(members[torch.randperm(count, generator=generator)[:take]])
+    held_idx = torch.cat(held).sort().values if held else torch.empty(0, dtype=torch.int64)
+    mask = torch.ones(len(labels), dtype=torch.bool)
+    mask[held_idx] = False
+    return mask.nonzero().flatten(), held_idx
+
+
+def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
+    """Per-channel mean and (population) std of uint8 N x 3 x H x W pixels scaled to 0..1. Sums are exact
+    integers, so the result does not depend on chunking or thread count."""
+    total = torch.zeros(3, dtype=torch.int64)
+    squares = torch.zeros(3, dtype=torch.int64)
+    for chunk in images.split(1024):
+        values = chunk.to(torch.int64)
+        total += values.sum(dim=(0, 2, 3))
+        squares += (values * values).sum(dim=(0, 2, 3))
+    count = images.shape[0] * images.shape[2] * images.shape[3]
+    if count == 0:
+        raise PipelineError("the training split is empty: no statistics to compute")
+    mean = [s / (count * 255) for s in total.tolist()]
+    std = [math.sqrt((q * count - s * s) / (count * count)) / 255 for s, q in zip(total.tolist(), squares.tolist())]
+    return mean, std
+
+
+def class_counts(labels: torch.Tensor, classes: list[str]) -> dict[str, int]:
+    counts = torch.bincount(labels, minlength=len(classes)).tolist() if len(labels) else [0] * len(classes)
+    return dict(zip(classes, counts))
+
+
+if __name__ == "__main__":
+    run_stage(main)

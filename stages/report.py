@@ -1,0 +1,562 @@
+"""report stage: one folder, `reports/`, with a markdown report (and the same content as HTML) built from the
+metrics, the checkpoint and the prepared test split: tables made with pandas, figures drawn with matplotlib
+(training curves, confusion matrix, per-class accuracy, sample test predictions), and a comparison of the
+metrics with a baseline git revision (`report.baseline`, default main) when that revision exists.
+
+Everything is deterministic (same inputs -> same bytes): no timestamps, PNGs without the software tag, fixed
+dpi, samples chosen by rule rather than at random. The folder is built in a temporary directory and swapped in
+at the end, so a failure leaves the previous report untouched.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # before any figure is made: no display needed, and Agg output is reproducible
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from stages.common import PipelineError, load_checkpoint, load_split, log, read_json, run_stage  # noqa: E402
+from stages.config import MODELS, load_params  # noqa: E402
+
+REPORT_DIR = Path("reports")
+META = Path("data/prepared/meta.json")
+TEST_SPLIT = Path("data/prepared/test.pt")
+MODEL = Path("models/model.pth")
+TRAIN_METRICS = Path("metrics/train.json")
+HISTORY = Path("metrics/history.csv")
+TEST_METRICS = Path("metrics/test.json")
+PER_CLASS_JSON = Path("metrics/per_class.json")
+PER_CLASS_CSV = Path("metrics/per_class.csv")
+PREDICTIONS = Path("metrics/predictions.csv")
+
+DPI = 100
+# matplotlib writes "Software: matplotlib version ..." into PNGs by default; dropping it keeps the bytes equal
+# across matplotlib patch releases that draw the same pixels.
+PNG_METADATA = {"Software": None}
+CORRECT_COLOR = "#1a7f37"
+WRONG_COLOR = "#d1242f"
+
+
+# ---------------------------------------------------------------- the document: rendered to markdown and HTML
+
+
+@dataclass
+class Document:
+    """A report as a list of blocks, so markdown and HTML are two renderings of the same content."""
+    blocks: list[tuple[str, Any]] = field(default_factory=list)
+
+    def heading(self, level: int, text: str) -> None:
+        self.blocks.append(("heading", (level, text)))
+
+    def paragraph(self, text: str) -> None:
+        self.blocks.append(("paragraph", text))
+
+    def table(self, frame: pd.DataFrame) -> None:
+        self.blocks.append(("table", frame))
+
+    def image(self, file_name: str, alt: str) -> None:
+        self.blocks.append(("image", (file_name, alt)))
+
+    def markdown(self) -> str:
+        parts = []
+        for kind, value in self.blocks:
+            if kind == "heading":
+                parts.append(f"{'#' * value[0]} {value[1]}")
+            elif kind == "paragraph":
+                parts.append(value)
+            elif kind == "table":
+                parts.append(markdown_table(value))
+            else:
+                parts.append(f"![{value[1]}]({value[0]})")
+        return "\n\n".join(parts) + "\n"
+
+    def html(self, title: str) -> str:
+        body = []
+        for kind, value in self.blocks:
+            if kind == "heading":
+                body.append(f"<h{value[0]}>{inline_html(value[1])}</h{value[0]}>")
+            elif kind == "paragraph":
+                body.append(f"<p>{inline_html(value)}</p>")
+            elif kind == "table":
+                body.append(value.to_html(index=False, border=0, classes="table", escape=True))
+            else:
+                body.append(f'<p><img src="{html.escape(value[0])}" alt="{html.escape(value[1])}"></p>')
+        style = ("body{font-family:sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}"
+                 "table{border-collapse:collapse;margin:0.5em 0}th,td{border:1px solid #ccc;padding:0.2em 0.6em;"
+                 "text-align:left}th{background:#f4f4f4}img{max-width:100%}code{background:#f4f4f4}")
+        return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+                f"<title>{html.escape(title)}</title>\n<style>{style}</style>\n</head>\n<body>\n"
+                + "\n".join(body) + "\n</body>\n</html>\n")
+
+
+def inline_html(text: str) -> str:
+    """The two bits of inline markdown the report uses (`code` and **bold**), escaped for HTML."""
+    text = html.escape(text)
+    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
+    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+
+
+def markdown_table(frame: pd.DataFrame) -> str:
+    # Hand-rolled because DataFrame.to_markdown needs the optional `tabulate` package.
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cell(c) for c in frame.columns) + " |",
+             "| " + " | ".join("---" for _ in frame.columns) + " |"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join(lines)
+
+
+def fmt(value: Any) -> str:
+    """One number format for every table, so markdown and HTML agree and the bytes never depend on repr()."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return str(value)
+    if isinstance(value, (int, np.integer)):
+        return str(int(value))
+    value = float(value)
+    if 0 < abs(value) < 1e-3:
+        return f"{value:.3g}"  # weight decays and learning rates like 5e-05 would otherwise read 0.0000
+    return f"{value:.1f}" if abs(value) >= 100 else f"{value:.4f}"
+
+
+def fmt_delta(value: float) -> str:
+    if value == 0:
+        return "0"
+    if abs(value) < 1e-3:
+        return f"{value:+.3g}"
+    return f"{value:+.1f}" if abs(value) >= 100 else f"{value:+.4f}"
+
+
+def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in mapping.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+def key_value_table(mapping: dict[str, Any], key: str = "parameter", value: str = "value") -> pd.DataFrame:
+    return pd.DataFrame({key: list(mapping), value: [fmt(v) for v in mapping.values()]})
+
+
+# ---------------------------------------------------------------- inputs
+
+
+@dataclass
+class Inputs:
+    meta: dict[str, Any]
+    checkpoint: dict[str, Any]
+    classes: list[str]
+    train_metrics: dict[str, Any]
+    test_metrics: dict[str, Any]
+    history: pd.DataFrame
+    per_class: pd.DataFrame
+    predictions: pd.DataFrame  # index, actual, predicted (class indices), confidence
+    images: Any  # uint8 tensor N x 3 x S x S
+
+
+def read_csv(path: Path, what: str, columns: list[str]) -> pd.DataFrame:
+    if not path.is_file():
+        raise PipelineError(f"{path}: {what} not found; run the stage that writes it first (dvc repro)")
+    try:
+        frame = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
+        raise PipelineError(f"{path}: {what} is not a readable CSV file ({error})") from None
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"{path}: {what} lacks the column(s) {', '.join(missing)}; "
+                            f"expected {', '.join(columns)}")
+    return frame
+
+
+def read_inputs() -> Inputs:
+    meta = read_json(META, "dataset metadata")
+    checkpoint = load_checkpoint(MODEL)
+    classes = [str(c) for c in checkpoint["classes"]]
+    train_metrics = read_json(TRAIN_METRICS, "training metrics")
+    test_metrics = read_json(TEST_METRICS, "test metrics")
+    read_json(PER_CLASS_JSON, "per-class metrics")  # a dependency of the stage: fail early if it is missing
+    history = read_csv(HISTORY, "training history", ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"])
+    per_class = read_csv(PER_CLASS_CSV, "per-class accuracy", ["class", "accuracy", "count"])
+    predictions = read_csv(PREDICTIONS, "test predictions", ["index", "actual", "predicted", "confidence"])
+    images, _labels = load_split(TEST_SPLIT)
+
+    lookup = {name: i for i, name in enumerate(classes)}
+    for column in ("actual", "predicted"):
+        names = predictions[column].astype(str)
+        unknown = sorted(set(names) - set(lookup))
+        if unknown:
+            raise PipelineError(f"{PREDICTIONS}: column {column!r} holds class names the model {MODEL} does not "
+                                f"know: {', '.join(unknown[:5])}; rerun evaluate (dvc repro)")
+        predictions[column] = names.map(lookup).astype("int64")
+    if len(predictions) and (predictions["index"].min() < 0 or predictions["index"].max() >= len(images)):
+        raise PipelineError(f"{PREDICTIONS}: image indices run outside the {len(images)} images of {TEST_SPLIT}; "
+                            "the predictions are stale, rerun evaluate (dvc repro)")
+    return Inputs(meta, checkpoint, classes, train_metrics, test_metrics, history, per_class, predictions, images)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def save_figure(figure: Figure, path: Path) -> None:
+    figure.savefig(path, format="png", dpi=DPI, metadata=PNG_METADATA)
+
+
+def plot_curves(history: pd.DataFrame, path: Path) -> None:
+    figure = Figure(figsize=(10, 4))
+    for axes, metric, label in zip(figure.subplots(1, 2), ("loss", "acc"), ("cross-entropy loss", "accuracy")):
+        for split, style in (("train", "-o"), ("val", "--s")):
+            values = pd.to_numeric(history[f"{split}_{metric}"], errors="coerce")
+            if values.notna().any():
+                axes.plot(history["epoch"], values, style, markersize=3, label=split)
+        axes.set_xlabel("epoch")
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no 1.2, 1.4 ... ticks for a 2-epoch run
+        axes.set_ylabel(label)
+        axes.set_title(f"{label.capitalize()} per epoch")
+        axes.grid(alpha=0.3)
+        if axes.lines:
+            axes.legend()
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_confusion(matrix: np.ndarray, classes: list[str], path: Path) -> None:
+    n = len(classes)
+    side = min(4 + 0.55 * n, 24)
+    figure = Figure(figsize=(side, side * 0.9))
+    axes = figure.subplots()
+    image = axes.imshow(matrix, cmap="Blues")
+    colorbar = figure.colorbar(image, ax=axes, fraction=0.046, pad=0.04)
+    colorbar.locator = MaxNLocator(integer=True)
+    colorbar.update_ticks()
+    axes.set_xticks(range(n), [short(c) for c in classes], rotation=45, ha="right")
+    axes.set_yticks(range(n), [short(c) for c in classes])
+    axes.set_xlabel("predicted class")
+    axes.set_ylabel("true class")
+    axes.set_title("Confusion matrix (test, counts)")
+    if n <= 30:  # beyond that the numbers no longer fit in the cells
+        threshold = matrix.max() / 2 if matrix.size else 0
+        for i in range(n):
+            for j in range(n):
+                axes.text(j, i, str(int(matrix[i, j])), ha="center", va="center", fontsize=8,
+                          color="white" if matrix[i, j] > threshold else "black")
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def plot_per_class(per_class: pd.DataFrame, path: Path) -> None:
+    n = len(per_class)
+    figure = Figure(figsize=(7, min(1.5 + 0.35 * n, 30)))
+    axes = figure.subplots()
+    positions = np.arange(n)
+    accuracy = per_class["accuracy"].to_numpy(dtype=float)
+    axes.barh(positions, accuracy, color="#4c72b0")
+    axes.set_yticks(positions, [short(c) for c in per_class["class"].astype(str)])
+    axes.invert_yaxis()  # first class on top, as in the tables
+    axes.set_xlim(0, 1.08)
+    axes.set_xlabel("accuracy")
+    axes.set_title("Per-class test accuracy")
+    for y, value in zip(positions, accuracy):
+        label = "no test images" if math.isnan(value) else f"{value:.3f}"
+        axes.text(0.01 if math.isnan(value) else min(value, 1.0) + 0.01, y, label, va="center", fontsize=8)
+    axes.grid(axis="x", alpha=0.3)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def choose_samples(predictions: pd.DataFrame, count: int) -> pd.DataFrame:
+    """Round-robin over the true classes in test-split order: every class shows up before any repeats, and the
+    choice depends only on the predictions file (no random state)."""
+    ordered = predictions.sort_values("index", kind="stable")
+    rank = ordered.groupby("actual", sort=True).cumcount()
+    ordered = ordered.assign(_rank=rank.to_numpy())
+    return ordered.sort_values(["_rank", "actual"], kind="stable").head(count).drop(columns="_rank")
+
+
+def plot_samples(samples: pd.DataFrame, images: Any, classes: list[str], path: Path) -> None:
+    count = len(samples)
+    columns = min(count, 8)
+    rows = math.ceil(count / columns)
+    figure = Figure(figsize=(1.7 * columns, 2.1 * rows), layout="constrained")  # keeps titles off the row above
+    grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
+    for axes in grid:
+        axes.axis("off")
+    for axes, row in zip(grid, samples.itertuples(index=False)):
+        picture = images[int(row.index)].permute(1, 2, 0).numpy()
+        axes.imshow(picture, interpolation="nearest")
+        right = row.actual == row.predicted
+        axes.set_title(f"true: {short(classes[row.actual])}\npred: {short(classes[row.predicted])}",
+                       fontsize=8, color=CORRECT_COLOR if right else WRONG_COLOR)
+    save_figure(figure, path)
+
+
+def short(name: str, limit: int = 14) -> str:
+    return name if len(name) <= limit else name[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------- baseline comparison (git)
+
+
+def git(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["git", *args], capture_output=True, text=True, check=False)
+
+
+def baseline_metrics(revision: str) -> tuple[str, dict[str, dict[str, Any]]]:
+    """(commit id, {metrics file: its JSON at that commit}). Raises LookupError with the reason it cannot."""
+    try:
+        inside = git("rev-parse", "--is-inside-work-tree")
+    except OSError:
+        raise LookupError("git is not installed") from None
+    if inside.returncode != 0:
+        raise LookupError("this folder is not a git repository")
+    resolved = git("rev-parse", "--verify", "--quiet", f"{revision}^{{commit}}")
+    if resolved.returncode != 0:
+        raise LookupError(f"git revision {revision!r} does not exist here")
+    commit = resolved.stdout.strip()
+    found: dict[str, dict[str, Any]] = {}
+    for path in (TRAIN_METRICS, TEST_METRICS):
+        shown = git("show", f"{commit}:./{path.as_posix()}")  # ./ = relative to the current folder
+        if shown.returncode == 0:
+            try:
+                found[path.as_posix()] = json.loads(shown.stdout)
+            except ValueError:
+                continue
+    if not found:
+        raise LookupError(f"git revision {revision!r} holds no {TRAIN_METRICS} or {TEST_METRICS}")
+    return commit, found
+
+
+def comparison_table(baseline: dict[str, dict[str, Any]], current: dict[str, dict[str, Any]]) -> pd.DataFrame:
+    rows = []
+    for file_name in (TEST_METRICS.as_posix(), TRAIN_METRICS.as_posix()):  # the test metrics matter most
+        old, new = flatten(baseline.get(file_name, {})), flatten(current.get(file_name, {}))
+        for metric in list(new) + [m for m in old if m not in new]:
+            before, after = old.get(metric), new.get(metric)
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before, after))
+            rows.append({"file": file_name, "metric": metric, "baseline": fmt(before), "current": fmt(after),
+                         "delta": fmt_delta(after - before) if numeric else "—"})
+    return pd.DataFrame(rows, columns=["file", "metric", "baseline", "current", "delta"])
+
+
+# ---------------------------------------------------------------- the report
+
+
+def confusion_matrix(predictions: pd.DataFrame, n_classes: int) -> np.ndarray:
+    matrix = np.zeros((n_classes, n_classes), dtype=np.int64)
+    np.add.at(matrix, (predictions["actual"].to_numpy(), predictions["predicted"].to_numpy()), 1)
+    return matrix
+
+
+def data_section(doc: Document, meta: dict[str, Any], classes: list[str]) -> None:
+    source = dict(meta.get("source", {}))
+    summary: dict[str, Any] = {"source kind": source.pop("kind", "—"), "source": source.pop("source", "—")}
+    for algorithm in ("md5", "sha256"):
+        if algorithm in source:
+            summary[f"checksum ({algorithm})"] = source.pop(algorithm)
+    summary.update({f"source {k}": v for k, v in flatten(source).items()})
+    summary["image size"] = meta.get("image_size")
+    summary["normalization"] = meta.get("stats")
+    summary["mean"] = ", ".join(fmt(float(v)) for v in meta.get("mean", []))
+    summary["std"] = ", ".join(fmt(float(v)) for v in meta.get("std", []))
+    for split, size in meta.get("splits", {}).items():
+        summary[f"{split} images"] = size
+    summary["skipped files"] = meta.get("skipped_count", len(meta.get("skipped", [])))
+    doc.heading(2, "Data")
+    doc.table(key_value_table(summary, "item", "value"))
+
+    counts = meta.get("counts", {})
+    if counts:
+        splits = list(counts)
+        names = classes + sorted({c for s in splits for c in counts[s]} - set(classes))
+        table = pd.DataFrame({"class": names})
+        for split in splits:
+            table[split] = [fmt(counts[split].get(name, 0)) for name in names]
+        totals = {"class": "total", **{s: fmt(sum(counts[s].values())) for s in splits}}
+        doc.paragraph("Images per class and split:")
+        doc.table(pd.concat([table, pd.DataFrame([totals])], ignore_index=True))
+
+    skipped = meta.get("skipped", [])
+    if skipped:
+        shown = skipped[:20]
+        doc.paragraph(f"Files skipped while decoding ({len(skipped)}"
+                      f"{', first 20 shown' if len(skipped) > 20 else ''}):")
+        doc.table(pd.DataFrame({"file": [str(s.get("file", "")) for s in shown],
+                                "reason": [str(s.get("reason", "")) for s in shown]}))
+
+
+def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | None) -> None:
+    checkpoint, classes = inputs.checkpoint, inputs.classes
+    matrix = confusion_matrix(inputs.predictions, len(classes))
+    test = inputs.test_metrics.get("test", {})
+    model_name = str(checkpoint["model"])
+    doc = Document()
+
+    doc.heading(1, "Training report")
+    source = inputs.meta.get("source", {})
+    doc.paragraph(f"Model **{model_name}** trained for {fmt(inputs.train_metrics.get('epochs'))} epochs on "
+                  f"`{source.get('kind', '?')}` data ({len(classes)} classes, "
+                  f"{fmt(inputs.meta.get('image_size'))}×{fmt(inputs.meta.get('image_size'))} images): "
+                  f"test accuracy **{fmt(test.get('acc'))}**, test loss {fmt(test.get('loss'))}.")
+
+    doc.heading(2, "Metrics")
+    headline: dict[str, Any] = {"test accuracy": test.get("acc"), "test loss": test.get("loss")}
+    for split in ("train", "val"):
+        if split in inputs.train_metrics:
+            headline[f"{split} accuracy (last epoch)"] = inputs.train_metrics[split].get("acc")
+            headline[f"{split} loss (last epoch)"] = inputs.train_metrics[split].get("loss")
+    headline["epochs"] = inputs.train_metrics.get("epochs")
+    # Wall-clock numbers only when the metrics files carry them (train keeps them in a file of their own, so
+    # the report, like every other output, has the same bytes on every rerun).
+    for source, key, label in ((inputs.train_metrics, "seconds", "training time (s)"),
+                               (inputs.train_metrics, "images_per_second", "training throughput (images/s)"),
+                               (inputs.test_metrics, "seconds", "evaluation time (s)")):
+        if key in source:
+            headline[label] = source[key]
+    headline["test-time augmentation views"] = inputs.test_metrics.get("tta")
+    headline["test images"] = len(inputs.predictions)
+    doc.table(key_value_table(headline, "metric", "value"))
+
+    title = f"Comparison with baseline `{baseline}`" if baseline else "Comparison with a baseline"
+    doc.heading(2, title)
+    if not baseline:
+        doc.paragraph("No baseline comparison: `report.baseline` is not set.")
+    else:
+        try:
+            commit, old = baseline_metrics(baseline)
+        except LookupError as reason:
+            doc.paragraph(f"No baseline comparison: {reason}.")
+        else:
+            current = {TRAIN_METRICS.as_posix(): inputs.train_metrics, TEST_METRICS.as_posix(): inputs.test_metrics}
+            doc.paragraph(f"Baseline `{baseline}` is commit `{commit[:12]}`; delta = current − baseline.")
+            doc.table(comparison_table(old, current))
+
+    doc.heading(2, "Training curves")
+    plot_curves(inputs.history, out_dir / "curves.png")
+    doc.image("curves.png", "Loss and accuracy per epoch, train and validation")
+
+    doc.heading(2, "Confusion matrix (test)")
+    plot_confusion(matrix, classes, out_dir / "confusion.png")
+    doc.image("confusion.png", "Confusion matrix: true class by row, predicted class by column")
+
+    doc.heading(2, "Per-class accuracy (test)")
+    plot_per_class(inputs.per_class, out_dir / "per_class.png")
+    doc.image("per_class.png", "Per-class test accuracy")
+    lookup = {name: i for i, name in enumerate(classes)}
+    confused = []
+    for name in inputs.per_class["class"].astype(str):
+        row = matrix[lookup[name]].copy() if name in lookup else None
+        if row is None or row.sum() == 0:
+            confused.append("—")
+            continue
+        row[lookup[name]] = 0
+        worst = int(row.argmax())
+        confused.append(f"{classes[worst]} ({int(row[worst])})" if row[worst] else "—")
+    doc.table(pd.DataFrame({"class": inputs.per_class["class"].astype(str),
+                            "accuracy": [fmt(float(v)) for v in inputs.per_class["accuracy"]],
+                            "test images": [fmt(v) for v in inputs.per_class["count"]],
+                            "most often predicted instead": confused}))
+
+    if samples > 0 and len(inputs.predictions):
+        chosen = choose_samples(inputs.predictions, samples)
+        doc.heading(2, "Sample test predictions")
+        plot_samples(chosen, inputs.images, classes, out_dir / "samples.png")
+        wrong = int((chosen["actual"] != chosen["predicted"]).sum())
+        doc.image("samples.png", "Sample test images with true and predicted class")
+        doc.paragraph(f"{len(chosen)} test images, taken class by class in test-split order; "
+                      f"titles in red are wrong predictions ({wrong} of {len(chosen)}).")
+
+    doc.heading(2, "Model")
+    n_params = sum(int(t.numel()) for t in checkpoint["state_dict"].values() if hasattr(t, "numel"))
+    model_info: dict[str, Any] = {"model": model_name}
+    model_info.update({f"config.{k}": v if not isinstance(v, list) else str(v)
+                       for k, v in flatten(checkpoint.get("model_config") or {}).items()})
+    model_info["parameters (state_dict values)"] = n_params
+    model_info["input image size"] = checkpoint["image_size"]
+    model_info["normalization mean"] = ", ".join(fmt(float(v)) for v in checkpoint["mean"])
+    model_info["normalization std"] = ", ".join(fmt(float(v)) for v in checkpoint["std"])
+    model_info["classes"] = ", ".join(classes)
+    model_info["epochs completed"] = checkpoint.get("epochs_completed")
+    model_info["torch version"] = checkpoint.get("torch_version")
+    doc.table(key_value_table(model_info, "item", "value"))
+
+    doc.heading(2, "Training parameters")
+    train_params = dict(checkpoint.get("train") or {})
+    for other in MODELS:  # each model's own section; only the trained one's matters here
+        if other != model_name:
+            train_params.pop(other, None)
+    flat = {f"train.{k}": (str(v) if isinstance(v, list) else v) for k, v in flatten(train_params).items()}
+    if flat:
+        doc.table(key_value_table(flat))
+    else:
+        doc.paragraph("The checkpoint records no training parameters.")
+
+    doc.heading(2, "Pretrained weights")
+    pretrained = checkpoint.get("pretrained")
+    if pretrained:
+        doc.table(key_value_table({"path": pretrained.get("path"), "SHA-256": pretrained.get("sha256")},
+                                  "item", "value"))
+    else:
+        doc.paragraph("None: the model started from random initialisation.")
+
+    data_section(doc, inputs.meta, classes)
+
+    (out_dir / "report.md").write_text(doc.markdown(), encoding="utf-8")
+    (out_dir / "report.html").write_text(doc.html(f"Training report: {model_name}"), encoding="utf-8")
+
+
+def replace_folder(built: Path, target: Path) -> None:
+    """Swap a finished folder in for `target`. Two renames: the old report is moved aside first, so readers
+    never see a mixture of old and new files (and a crash leaves either the old or the new folder whole)."""
+    old = None
+    if target.exists() or target.is_symlink():
+        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
+        os.replace(target, old / target.name)
+    try:
+        os.replace(built, target)
+    except OSError:
+        if old is not None:  # put the previous report back rather than leave none
+            os.replace(old / target.name, target)
+            old.rmdir()
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def main() -> None:
+    params = load_params()["report"]
+    inputs = read_inputs()
+    REPORT_DIR.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR.name}.", suffix=".tmp", dir=REPORT_DIR.parent))
+    try:
+        build_report(built, inputs, int(params["samples"]), params["baseline"])
+        built.chmod(0o755)  # mkdtemp makes 0700 folders; a report is meant to be read by others
+        replace_folder(built, REPORT_DIR)
+    except BaseException:
+        shutil.rmtree(built, ignore_errors=True)
+        raise
+    log(f"report: wrote {REPORT_DIR / 'report.md'} and {REPORT_DIR / 'report.html'}")
+
+
+if __name__ == "__main__":
+    run_stage(main)

@@ -1,0 +1,227 @@
+"""predict on generated images with an untrained model built from the registry, saved as the train stage saves
+checkpoints (same fields)."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from stages import predict
+from stages.common import CHECKPOINT_FORMAT, load_checkpoint, save_torch
+from stages.images import load_image
+from stages.models import build_model, model_config, model_from_checkpoint
+
+CLASSES = ["airplane", "bird", "cat", "ship"]
+SIZE = 16
+
+
+def make_checkpoint(path: Path, repo_root: Path, precision: str = "fp32") -> None:
+    train = yaml.safe_load((repo_root / "params.yaml").read_text())["train"]
+    train.update(model="cnn", cnn={"channels": [8, 8, 8]}, precision=precision)
+    torch.manual_seed(0)
+    model = build_model("cnn", model_config(train), len(CLASSES), SIZE, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
+    with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    save_torch({"format": CHECKPOINT_FORMAT, "model": "cnn", "model_config": model_config(train),
+                "classes": CLASSES, "image_size": SIZE, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26],
+                "state_dict": model.state_dict(), "train": train, "pretrained": None, "epochs_completed": 0,
+                "torch_version": torch.__version__.split("+")[0]}, path)
+
+
+def noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)
+    make_checkpoint(tmp_path / "model.pth", repo_root)
+    photos = tmp_path / "photos"
+    (photos / "more").mkdir(parents=True)
+    Image.fromarray(noise((40, 30, 4), 1), "RGBA").save(photos / "rgba.png")
+    Image.fromarray(noise((50, 70), 2), "L").save(photos / "more/grey.jpg", quality=90)
+    Image.fromarray(noise((1200, 1600, 3), 3), "RGB").save(photos / "large.JPG", quality=85)
+    Image.fromarray(noise((SIZE, SIZE, 3), 4), "RGB").save(photos / "exact.png")
+    (photos / "notes.txt").write_text("not an image, not picked up from a folder")
+    (photos / ".thumb.png").write_bytes(b"hidden: left out")
+    return tmp_path
+
+
+def run_main(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    try:
+        predict.main(args)
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def test_text_output_for_a_folder_of_mixed_images(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["model.pth", "photos"], capsys)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert [line.split(":")[0] for line in lines] == [
+        "photos/exact.png", "photos/large.JPG", "photos/more/grey.jpg", "photos/rgba.png"]  # sorted, recursive
+    for line in lines:
+        ranked = line.split(": ", 1)[1].split(", ")
+        assert len(ranked) == 3  # default top-3
+        assert all(item.split(" ")[0] in CLASSES for item in ranked)
+        probabilities = [float(item.split(" ")[1]) for item in ranked]
+        assert probabilities == sorted(probabilities, reverse=True)
+
+
+def test_json_probabilities_sum_to_one_and_match_the_model(workspace: Path,
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["model.pth", "photos/exact.png", "photos/rgba.png", "--format", "json",
+                               "--top-k", "10"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [row["file"] for row in rows] == ["photos/exact.png", "photos/rgba.png"]
+    for row in rows:
+        assert len(row["predictions"]) == len(CLASSES)  # top-k is capped at the class count
+        assert sorted(p["class"] for p in row["predictions"]) == sorted(CLASSES)
+        assert abs(sum(p["probability"] for p in row["predictions"]) - 1) < 1e-4
+
+    # The same numbers as the model itself on the decoded image: preprocessing is the checkpoint's own.
+    model = model_from_checkpoint(load_checkpoint("model.pth"))
+    for row in rows:
+        with torch.inference_mode():
+            expected = model(load_image(row["file"], SIZE)[None].float()).softmax(1)[0]
+        got = {p["class"]: p["probability"] for p in row["predictions"]}
+        assert max(abs(got[c] - expected[i].item()) for i, c in enumerate(CLASSES)) < 1e-5
+        assert row["predictions"][0]["class"] == CLASSES[int(expected.argmax())]
+
+
+def test_csv_output_to_file(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["model.pth", "photos", "--format", "csv", "--top-k", "2", "--output", "out/p.csv",
+                               "--batch-size", "3"], capsys)
+    assert code == 0, err
+    assert out == ""
+    rows = list(csv.DictReader(io.StringIO((workspace / "out/p.csv").read_text())))
+    assert list(rows[0]) == ["file", "rank", "class", "probability"]
+    assert len(rows) == 4 * 2
+    assert [r["rank"] for r in rows] == ["1", "2"] * 4
+    assert all(0 <= float(r["probability"]) <= 1 for r in rows)
+
+
+def test_batch_size_does_not_change_results(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _, one, _ = run_main(["model.pth", "photos", "--format", "json", "--batch-size", "1"], capsys)
+    _, many, _ = run_main(["model.pth", "photos", "--format", "json", "--batch-size", "64"], capsys)
+    assert json.loads(one) == json.loads(many)
+
+
+def test_exif_rotation_is_applied(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    upright = Image.fromarray(noise((24, 40, 3), 5), "RGB")
+    upright.save("upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    upright.transpose(Image.Transpose.ROTATE_90).save("rotated.png", exif=exif)
+    code, out, err = run_main(["model.pth", "upright.png", "rotated.png", "--format", "json", "--top-k", "4"],
+                              capsys)
+    assert code == 0, err
+    first, second = json.loads(out)
+    assert first["predictions"] == second["predictions"]
+
+
+def test_corrupt_file_is_reported_and_others_still_classified(workspace: Path,
+                                                             capsys: pytest.CaptureFixture[str]) -> None:
+    (workspace / "photos/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    code, out, err = run_main(["model.pth", "photos", "--format", "json"], capsys)
+    assert code == 1
+    assert len(json.loads(out)) == 4  # every readable image is still there
+    assert "photos/broken.jpg: cannot read image" in err
+    assert "1 of 5 images could not be read" in err
+
+
+def test_missing_input_fails_before_anything_runs(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_main(["model.pth", "photos", "nowhere/cat.jpg", "--output", "p.txt"], capsys)
+    assert code == 2
+    assert err.strip() == "error: nowhere/cat.jpg: no such file or folder"
+    assert out == "" and not (workspace / "p.txt").exists()
+
+
+def test_empty_folder_is_an_error(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (workspace / "empty").mkdir()
+    code, _, err = run_main(["model.pth", "empty"], capsys)
+    assert code == 2
+    assert "empty: no image files" in err and "error: no image files to classify" in err
+
+
+@pytest.mark.parametrize("bad_args", [["--top-k", "0"], ["--format", "xml"], ["--batch-size", "-1"]])
+def test_bad_options_are_usage_errors(workspace: Path, capsys: pytest.CaptureFixture[str],
+                                      bad_args: list[str]) -> None:
+    code, _, err = run_main(["model.pth", "photos", *bad_args], capsys)
+    assert code == 2
+    assert "usage: cifar-predict" in err
+
+
+def test_file_that_is_not_a_checkpoint_is_refused(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    torch.save(torch.zeros(3), workspace / "tensor.pth")
+    code, out, err = run_main(["tensor.pth", "photos"], capsys)
+    assert code == 2 and out == ""
+    assert err.strip() == "error: tensor.pth: not a checkpoint of this pipeline (no 'format' field)"
+
+    (workspace / "text.pth").write_text("hello")
+    code, _, err = run_main(["text.pth", "photos"], capsys)
+    assert code == 2 and err.startswith("error: text.pth: cannot load model checkpoint")
+
+
+def test_other_checkpoint_version_is_refused(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = load_checkpoint("model.pth")
+    checkpoint["format"] = "cifar-pipeline/checkpoint/0"
+    save_torch(checkpoint, workspace / "old.pth")
+    code, _, err = run_main(["old.pth", "photos"], capsys)
+    assert code == 2
+    assert "checkpoint format 'cifar-pipeline/checkpoint/0' is not supported" in err
+
+
+def test_checkpoint_with_wrong_weights_is_refused(workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    checkpoint = load_checkpoint("model.pth")
+    checkpoint["model_config"] = {"channels": [16, 16, 16]}  # architecture no longer matches the weights
+    save_torch(checkpoint, workspace / "mismatch.pth")
+    code, _, err = run_main(["mismatch.pth", "photos"], capsys)
+    assert code == 2
+    assert err.startswith("error: mismatch.pth: checkpoint weights do not fit model 'cnn'")
+
+
+class Exploit:
+    """Unpickling this would run a shell command."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_pickle_is_refused_without_running_code(workspace: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    marker = workspace / "pwned"
+    torch.save({"format": CHECKPOINT_FORMAT, "payload": Exploit(marker)}, workspace / "evil.pth")
+    code, out, err = run_main(["evil.pth", "photos"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith("error: evil.pth: cannot load model checkpoint")
+    assert not marker.exists()
+
+
+def test_module_entry_point(workspace: Path, repo_root: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    result = subprocess.run([sys.executable, "-m", "stages.predict", "model.pth", "photos/exact.png", "--top-k",
+                             "1"], cwd=workspace, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("photos/exact.png: ") and result.stdout.count("\n") == 1

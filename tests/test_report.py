@@ -1,0 +1,219 @@
+"""report stage on a tiny fake workspace: every input file is written here, the checkpoint is a plain dict of
+the checkpoint's fields (the report never runs the model)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from stages import report
+from stages.common import CHECKPOINT_FORMAT, PipelineError, save_torch, write_json
+
+CLASSES = ["cat", "dog", "frog"]
+PNGS = ["curves.png", "confusion.png", "per_class.png", "samples.png"]
+
+
+def write_workspace(root: Path, repo_root: Path, *, samples: int = 6, baseline: str | None = "main",
+                    with_val: bool = True, test_acc: float = 0.5, pretrained: bool = True) -> None:
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    params["report"] = {"samples": samples, "baseline": baseline}
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    generator = torch.Generator().manual_seed(0)
+    n_test = 12
+    labels = torch.arange(n_test) % len(CLASSES)
+    images = torch.randint(0, 256, (n_test, 3, 8, 8), dtype=torch.uint8, generator=generator)
+    (root / "data/prepared").mkdir(parents=True)
+    save_torch({"images": images, "labels": labels}, root / "data/prepared/test.pt")
+    write_json(root / "data/prepared/meta.json", {
+        "classes": CLASSES, "image_size": 8, "stats": "dataset", "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25],
+        "splits": {"train": 30, "val": 6, "test": n_test},
+        "counts": {"train": {c: 10 for c in CLASSES}, "val": {c: 2 for c in CLASSES}, "test": {c: 4 for c in CLASSES}},
+        "source": {"kind": "images", "source": "data/sources/pets.zip", "sha256": "ab" * 32},
+        "skipped": [{"file": "cat/broken.jpg", "reason": "cannot identify image file"}], "skipped_count": 1,
+    })
+
+    train_params = dict(params["train"], model="cnn", weight_decay=1.0e-5)
+    checkpoint = {
+        "format": CHECKPOINT_FORMAT, "model": "cnn", "model_config": {"channels": [4, 8, 8]},
+        "classes": CLASSES, "image_size": 8, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25],
+        "state_dict": {"conv.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(3)},
+        "train": train_params,
+        "pretrained": {"path": "weights/resnet18.pth", "sha256": "cd" * 32} if pretrained else None,
+        "epochs_completed": 2, "torch_version": str(torch.__version__),  # str: weights_only refuses TorchVersion
+    }
+    (root / "models").mkdir()
+    save_torch(checkpoint, root / "models/model.pth")
+
+    metrics = root / "metrics"
+    metrics.mkdir()
+    train_metrics = {"train": {"loss": 1.2, "acc": 0.45}, "epochs": 2}
+    if with_val:
+        train_metrics["val"] = {"loss": 1.3, "acc": 0.4}
+    write_json(metrics / "train.json", train_metrics)
+    val = ("1.5,0.3", "1.3,0.4") if with_val else (",", ",")
+    (metrics / "history.csv").write_text("epoch,train_loss,train_acc,val_loss,val_acc,lr,seconds\n"
+                                         f"1,1.6,0.3,{val[0]},0.1,1.7\n2,1.2,0.45,{val[1]},0.0,3.5\n")
+    write_json(metrics / "test.json", {"test": {"loss": 1.25, "acc": test_acc}, "tta": 1})
+    write_json(metrics / "per_class.json", {"test": {"per_class_acc": {"cat": 0.75, "dog": 0.5, "frog": 0.25}}})
+    (metrics / "per_class.csv").write_text("class,accuracy,count\ncat,0.75,4\ndog,0.5,4\nfrog,0.25,4\n")
+    predicted = [0, 1, 1, 0, 1, 0, 0, 0, 2, 2, 2, 1]
+    rows = [f"{i},{CLASSES[int(labels[i])]},{CLASSES[p]},0.6" for i, p in enumerate(predicted)]
+    (metrics / "predictions.csv").write_text("index,actual,predicted,confidence\n" + "\n".join(rows) + "\n")
+
+
+@pytest.fixture
+def workspace(tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    # Keep git from finding a repository above tmp_path (the baseline lookup must see only what a test makes).
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.chdir(tmp_path)
+    write_workspace(tmp_path, repo_root)
+    return tmp_path
+
+
+def read_report(root: Path) -> str:
+    return (root / "reports/report.md").read_text(encoding="utf-8")
+
+
+def test_report_has_tables_figures_and_html(workspace: Path) -> None:
+    report.main()
+    text = read_report(workspace)
+    for heading in ("# Training report", "## Metrics", "## Training curves", "## Confusion matrix (test)",
+                    "## Per-class accuracy (test)", "## Sample test predictions", "## Model",
+                    "## Training parameters", "## Pretrained weights", "## Data"):
+        assert f"\n{heading}\n" in f"\n{text}", heading
+    for png in PNGS:
+        assert f"]({png})" in text
+        data = (workspace / "reports" / png).read_bytes()
+        assert data.startswith(b"\x89PNG\r\n\x1a\n")
+        with Image.open(workspace / "reports" / png) as image:
+            image.verify()
+        assert b"matplotlib" not in data  # no software tag: the bytes do not depend on the version string
+    assert "| test accuracy | 0.5000 |" in text
+    assert "| val accuracy (last epoch) | 0.4000 |" in text
+    assert "| cat | 0.7500 | 4 | frog (1) |" in text  # per-class table with its most common confusion
+    assert "| frog | 0.2500 | 4 | dog (2) |" in text
+    assert "| train.augment.flip | True |" in text  # nested train params, flattened
+    assert "| train.cnn.channels | [32, 64, 128] |" in text
+    assert "train.mlp.hidden" not in text and "train.airnet" not in text  # other models' sections left out
+    assert "| train.weight_decay | 1e-05 |" in text
+    assert "| config.channels | [4, 8, 8] |" in text
+    assert "| path | weights/resnet18.pth |" in text and f"| SHA-256 | {'cd' * 32} |" in text
+    assert f"| checksum (sha256) | {'ab' * 32} |" in text
+    assert "| skipped files | 1 |" in text and "cat/broken.jpg" in text
+    assert "| total | 30 | 6 | 12 |" in text  # counts per class and split
+    assert "(2 of 6)" in text  # 6 samples, round robin over classes: indices 0..5, two of them wrong
+
+    page = (workspace / "reports/report.html").read_text(encoding="utf-8")
+    assert page.startswith("<!DOCTYPE html>")
+    separators = [line for line in text.splitlines() if line.startswith("| --- |")]
+    assert page.count("<table") == len(separators) >= 8
+    for png in PNGS:
+        assert f'<img src="{png}"' in page
+    assert not [p.name for p in workspace.iterdir() if p.name.startswith(".reports")]  # no temp folders left
+
+
+def test_sample_choice_is_stratified_and_deterministic() -> None:
+    import pandas as pd
+
+    predictions = pd.DataFrame({"index": [5, 0, 1, 2, 3, 4], "actual": [1, 0, 0, 0, 1, 2],
+                                "predicted": [1, 0, 0, 0, 1, 2], "confidence": [1.0] * 6})
+    chosen = report.choose_samples(predictions, 4)
+    assert list(chosen["index"]) == [0, 3, 4, 1]  # first of each class in test order, then the second ones
+
+
+def test_two_runs_give_identical_bytes(workspace: Path) -> None:
+    report.main()
+    first = {p.name: p.read_bytes() for p in sorted((workspace / "reports").iterdir())}
+    report.main()
+    second = {p.name: p.read_bytes() for p in sorted((workspace / "reports").iterdir())}
+    assert sorted(first) == sorted(PNGS + ["report.html", "report.md"])
+    assert first == second
+
+
+def git(root: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", *args],
+                   cwd=root, check=True, capture_output=True)
+
+
+def test_baseline_comparison_against_main(workspace: Path) -> None:
+    git(workspace, "init", "-q", "-b", "main")
+    git(workspace, "add", "metrics/train.json", "metrics/test.json")
+    git(workspace, "commit", "-q", "-m", "baseline metrics")
+    write_json(workspace / "metrics/test.json", {"test": {"loss": 1.0, "acc": 0.625}, "tta": 1})
+    report.main()
+    text = read_report(workspace)
+    assert "## Comparison with baseline `main`" in text
+    assert "| file | metric | baseline | current | delta |" in text
+    assert "| metrics/test.json | test.acc | 0.5000 | 0.6250 | +0.1250 |" in text
+    assert "| metrics/test.json | test.loss | 1.2500 | 1.0000 | -0.2500 |" in text
+    assert "| metrics/train.json | val.acc | 0.4000 | 0.4000 | 0 |" in text
+    assert "No baseline comparison" not in text
+
+
+def test_missing_git_repo_or_revision_is_one_line(workspace: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    report.main()
+    assert "No baseline comparison: this folder is not a git repository." in read_report(workspace)
+
+    git(workspace, "init", "-q", "-b", "work")
+    git(workspace, "add", "metrics")
+    git(workspace, "commit", "-q", "-m", "no main branch here")
+    report.main()
+    assert "No baseline comparison: git revision 'main' does not exist here." in read_report(workspace)
+
+    monkeypatch.setenv("PATH", str(workspace / "no-such-bin"))  # git itself is not installed
+    report.main()
+    assert "No baseline comparison: git is not installed." in read_report(workspace)
+
+
+def test_without_validation_split_or_pretrained_or_baseline(tmp_path: Path, repo_root: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    write_workspace(tmp_path, repo_root, with_val=False, pretrained=False, baseline=None, samples=0)
+    # evaluate leaves the accuracy empty for a class without test images
+    (tmp_path / "metrics/per_class.csv").write_text("class,accuracy,count\ncat,0.75,4\ndog,,0\nfrog,0.25,4\n")
+    report.main()
+    text = read_report(tmp_path)
+    assert "| dog | — | 0 |" in text
+    assert "val accuracy" not in text
+    assert "None: the model started from random initialisation." in text
+    assert "No baseline comparison: `report.baseline` is not set." in text
+    assert "samples.png" not in text and not (tmp_path / "reports/samples.png").exists()
+    with Image.open(tmp_path / "reports/curves.png") as image:
+        image.verify()
+
+
+def test_failure_keeps_previous_report(workspace: Path) -> None:
+    report.main()
+    before = read_report(workspace)
+    os.remove(workspace / "metrics/predictions.csv")
+    with pytest.raises(PipelineError, match=r"metrics/predictions.csv: test predictions not found"):
+        report.main()
+    assert read_report(workspace) == before
+    assert not [p.name for p in workspace.iterdir() if p.name.startswith(".reports")]
+
+
+def test_stale_predictions_are_refused(workspace: Path) -> None:
+    with open(workspace / "metrics/predictions.csv", "a") as handle:
+        handle.write("12,cat,horse,0.9\n")
+    with pytest.raises(PipelineError, match=r"class names the model .* does not know: horse"):
+        report.main()
+    assert not (workspace / "reports").exists()
+
+
+def test_stage_entry_point_prints_one_line_error(workspace: Path, repo_root: Path) -> None:
+    (workspace / "models/model.pth").write_bytes(b"not a checkpoint")
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    result = subprocess.run([sys.executable, "-m", "stages.report"], cwd=workspace, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: models/model.pth: cannot load model checkpoint")
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
