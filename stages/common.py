@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterator
 import torch
 
 CHECKPOINT_FORMAT = "cifar-pipeline/checkpoint/1"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class PipelineError(Exception):
@@ -54,6 +56,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files owner-only; outputs get normal permissions
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

@@ -82,7 +82,7 @@ class FileServer:
                 pass
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
@@ -100,14 +100,19 @@ def server() -> Iterator[FileServer]:
 
 
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A project folder to run the stage in; retries do not wait."""
+def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
+    """The waits between retries, recorded instead of slept."""
+    recorded: list[float] = []
+    monkeypatch.setattr(download, "_sleep", recorded.append)
+    return recorded
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, sleeps: list[float]) -> Path:
+    """A project folder to run the stage in (retries do not wait)."""
     work = tmp_path / "work"
     (work / "data" / "sources").mkdir(parents=True)
     monkeypatch.chdir(work)
-    monkeypatch.setattr(download, "_sleep", lambda seconds: sleeps.append(seconds))
-    sleeps: list[float] = []
-    work.sleeps = sleeps  # type: ignore[attr-defined]
     return work
 
 
@@ -172,13 +177,14 @@ def test_wrong_md5_is_a_clear_error_and_leaves_nothing(workdir: Path, server: Fi
     assert leftovers() == []
 
 
-def test_transfer_cut_midway_resumes_with_range(workdir: Path, server: FileServer, tarball: bytes) -> None:
+def test_transfer_cut_midway_resumes_with_range(workdir: Path, server: FileServer, tarball: bytes,
+                                                sleeps: list[float]) -> None:
     server.cut_once = True
     download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
     assert_cifar_raw()
     assert [r["range"] for r in server.requests] == [None, f"bytes={len(tarball) // 2}-"]
     assert server.requests[1]["if_range"] == server.last_modified  # a changed file would not be spliced
-    assert workdir.sleeps == [download.BACKOFF_S]  # type: ignore[attr-defined]
+    assert sleeps == [download.BACKOFF_S]
 
 
 def test_partial_file_from_an_earlier_run_is_resumed(workdir: Path, server: FileServer, tarball: bytes) -> None:
@@ -220,28 +226,29 @@ def test_changed_file_on_server_is_downloaded_afresh(workdir: Path, server: File
     assert_cifar_raw()
 
 
-def test_http_503_is_retried(workdir: Path, server: FileServer, tarball: bytes) -> None:
+def test_http_503_is_retried(workdir: Path, server: FileServer, tarball: bytes, sleeps: list[float]) -> None:
     server.fail_once = 503
     download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
     assert_cifar_raw()
-    assert len(server.requests) == 2 and workdir.sleeps == [download.BACKOFF_S]  # type: ignore[attr-defined]
+    assert len(server.requests) == 2 and sleeps == [download.BACKOFF_S]
 
 
-def test_persistent_server_error_gives_up_with_backoff(workdir: Path, server: FileServer, tarball: bytes) -> None:
+def test_persistent_server_error_gives_up_with_backoff(workdir: Path, server: FileServer, tarball: bytes,
+                                                       sleeps: list[float]) -> None:
     server.fail_always = 502
     with pytest.raises(PipelineError, match=rf"failed after {download.RETRIES + 1} attempts \(HTTP 502"):
         download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
-    assert workdir.sleeps == [download.BACKOFF_S * 2 ** i for i in range(download.RETRIES)]  # type: ignore
+    assert sleeps == [download.BACKOFF_S * 2 ** i for i in range(download.RETRIES)]
     assert not Path("data/raw").exists()
 
 
-def test_http_404_is_not_retried(workdir: Path, server: FileServer) -> None:
+def test_http_404_is_not_retried(workdir: Path, server: FileServer, sleeps: list[float]) -> None:
     with pytest.raises(PipelineError, match=r"missing\.tar\.gz: HTTP 404"):
         download.download(data_params(source="cifar10", url=server.url("/missing.tar.gz")))
-    assert len(server.requests) == 1 and workdir.sleeps == []  # type: ignore[attr-defined]
+    assert len(server.requests) == 1 and sleeps == []
 
 
-def test_offline_connection_refused_says_how_to_run_offline(workdir: Path) -> None:
+def test_offline_connection_refused_says_how_to_run_offline(workdir: Path, sleeps: list[float]) -> None:
     with socket.socket() as probe:  # a port nobody listens on
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
@@ -251,7 +258,7 @@ def test_offline_connection_refused_says_how_to_run_offline(workdir: Path) -> No
     assert "unreachable (connection refused)" in message
     assert "dvc exp run -S data.source=synthetic" in message
     assert "data/sources/" in message and "data.url=file://" in message
-    assert workdir.sleeps == []  # type: ignore[attr-defined]  # no pointless retries when offline
+    assert sleeps == []  # no pointless retries when offline
 
 
 def test_offline_dns_failure_says_how_to_run_offline(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
