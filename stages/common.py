@@ -4,6 +4,7 @@ and the self-describing model checkpoint."""
 from __future__ import annotations
 
 import contextlib
+import glob
 import hashlib
 import io
 import json
@@ -51,6 +52,8 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     Readers therefore see either the old file or the complete new one, never a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed earlier write
+        stale.unlink(missing_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -140,7 +143,13 @@ def pick_device() -> torch.device:
     """cuda, then mps, then cpu. PIPELINE_DEVICE=cpu (or cuda:1, ...) overrides."""
     forced = os.environ.get("PIPELINE_DEVICE")
     if forced:
-        return torch.device(forced)
+        try:
+            device = torch.device(forced)
+        except RuntimeError:
+            raise PipelineError(f"PIPELINE_DEVICE={forced!r} is not a device name (cpu, cuda, cuda:1, mps)") from None
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise PipelineError(f"PIPELINE_DEVICE={forced!r}, but this machine has no usable CUDA GPU")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():

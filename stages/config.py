@@ -7,7 +7,7 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
@@ -118,7 +118,6 @@ SCHEMA: dict[str, Any] = {
         "freeze_backbone": Bool(),
         "epochs": Num(gt=0),  # fractions allowed: short benchmark runs and schedules in epochs
         "batch_size": Num(integer=True, ge=1),
-        "optimizer": Choice(("sgd",)),
         "lr": Num(gt=0),
         "momentum": Num(ge=0, lt=1),
         "nesterov": Bool(),
@@ -175,8 +174,15 @@ def _check_relations(params: dict[str, Any]) -> None:
     train = params["train"]
     if train["pretrained"] != "none" and train["model"] != "resnet18":
         raise ParamsError(f"train.pretrained: pretrained weights need train.model: resnet18, not {train['model']!r}")
-    if train["freeze_backbone"] and train["model"] != "resnet18":
-        raise ParamsError("train.freeze_backbone: only resnet18 has a pretrained backbone to freeze")
+    if train["freeze_backbone"] and train["pretrained"] == "none":
+        raise ParamsError("train.freeze_backbone: freezing needs pretrained weights (train.pretrained); "
+                          "a frozen random backbone would learn nothing")
+    pretrained = train["pretrained"]
+    if pretrained != "none":
+        parts = PurePosixPath(pretrained).parts
+        if PurePosixPath(pretrained).is_absolute() or ".." in parts or parts[:2] != ("models", "pretrained"):
+            raise ParamsError(f"train.pretrained: {pretrained!r} must be a file under models/pretrained/ (that "
+                              "folder is a dependency of the train stage, so DVC retrains when the weights change)")
 
 
 def validate(params: Any) -> dict[str, Any]:

@@ -22,6 +22,7 @@ import errno
 import functools
 import hashlib
 import http.client
+import lzma
 import os
 import pickle
 import posixpath
@@ -35,6 +36,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterator
 from urllib.parse import urlparse
@@ -159,7 +161,7 @@ def _extract_cifar(archive: Path, staging: Path) -> None:
                     tar.extract(member, staging, **safe_filter)
     except tarfile.FilterError as error:
         raise PipelineError(f"{archive}: refused to extract member {error.tarinfo.name!r} ({error})") from None
-    except (tarfile.TarError, EOFError, OSError) as error:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
         raise PipelineError(f"{archive}: cannot extract the CIFAR-10 archive ({error})") from None
     missing = [name for name in CIFAR10_FILES if not (staging / CIFAR10_DIR / name).is_file()]
     if missing:
@@ -276,7 +278,7 @@ def _transfer(url: str, part: Path) -> None:
         headers["Range"] = f"bytes={offset}-"
         if validator.is_file():
             headers["If-Range"] = validator.read_text(encoding="utf-8").strip()
-    response = _open(url, headers)
+    response = _open(url, headers, part)
     if response is None:  # 416 with a part that is already complete
         return
     with response:
@@ -320,7 +322,7 @@ def _transfer(url: str, part: Path) -> None:
         raise _Transient(f"received {offset} bytes, more than the {total} announced; starting over")
 
 
-def _open(url: str, headers: dict[str, str]) -> http.client.HTTPResponse | None:
+def _open(url: str, headers: dict[str, str], part: Path) -> http.client.HTTPResponse | None:
     try:
         return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
     except urllib.error.HTTPError as error:
@@ -328,6 +330,10 @@ def _open(url: str, headers: dict[str, str]) -> http.client.HTTPResponse | None:
             _, total = _content_range(error.headers.get("Content-Range"), allow_unsatisfied=True)
             if total is not None and headers["Range"] == f"bytes={total}-":
                 return None
+            # The partial file does not fit the server's file (it changed, or the part is too long): drop it so
+            # the next attempt starts from zero instead of sending the same Range request forever.
+            part.unlink(missing_ok=True)
+            _validator_file(part).unlink(missing_ok=True)
             raise _Transient("the server cannot resume the partial file; starting over") from None
         if error.code in (408, 429) or error.code >= 500:
             raise _Transient(f"HTTP {error.code} {error.reason}") from None
@@ -628,7 +634,7 @@ def _is_link_mode(mode: int) -> bool:
 def _read_zip_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, label: str) -> bytes:
     try:
         return archive.read(member)
-    except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, NotImplementedError) as error:
+    except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, NotImplementedError, zlib.error) as error:
         raise PipelineError(f"{label}: cannot read member {member.filename!r} ({error})") from None
 
 
@@ -646,7 +652,7 @@ def _list_tar(path: Path, label: str) -> _Listing:
                 elif member.isfile():
                     data = archive.extractfile(member).read() if listing.wanted(name) else b""
                     listing.add_file(name, functools.partial(bytes, data))
-    except (tarfile.TarError, EOFError, OSError) as error:
+    except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
         raise PipelineError(f"{label}: not a readable tar archive ({error})") from None
     return listing
 

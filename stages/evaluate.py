@@ -46,7 +46,7 @@ def evaluate(params: dict) -> None:
 
     device = pick_device()
     model = model_from_checkpoint(checkpoint)
-    train_cfg = checkpoint["train"]
+    train_cfg = checkpoint.get("train") or {}
     channels_last = train_cfg.get("channels_last", False) and checkpoint["model"] in CONV_NETS
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -67,7 +67,7 @@ def evaluate(params: dict) -> None:
         per_class[name] = value
         per_class_rows.append([name, "" if value is None else value, count])
 
-    write_json(METRICS_PATH, {"test": {"loss": round(loss, 6), "acc": round(accuracy, 6)}, "tta": cfg["tta"]})
+    write_json(METRICS_PATH, {"test": {"loss": round(loss, 6), "acc": round(accuracy, 6)}})
     write_json(PER_CLASS_JSON, {"test": {"per_class_acc": per_class}})
     write_text(PER_CLASS_CSV, to_csv(["class", "accuracy", "count"], per_class_rows))
     write_text(PREDICTIONS_CSV, to_csv(

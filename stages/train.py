@@ -95,14 +95,14 @@ def make_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.SGD:
     it, so lr x wd stays the same), everything else the base rate. With decoupled weight decay the decay is
     applied to the weights directly in `apply_weight_decay`, not through the gradient and momentum."""
     special = bias_and_norm_parameters(model)
-    # Frozen parameters stay in the groups (SGD skips them while they have no gradient): airnet's stem bias
+    # Frozen parameters stay in the groups too (SGD skips them while they have no gradient): airnet's stem bias
     # trains only for the first epochs.
-    trainable = list(model.parameters())
+    parameters = list(model.parameters())
     scale, wd = train["bias_lr_scale"], train["weight_decay"]
     coupled_wd = 0.0 if train["decoupled_weight_decay"] else wd
     groups = [
-        {"params": [p for p in trainable if id(p) not in special], "lr_scale": 1.0, "wd": wd},
-        {"params": [p for p in trainable if id(p) in special], "lr_scale": scale, "wd": wd / scale},
+        {"params": [p for p in parameters if id(p) not in special], "lr_scale": 1.0, "wd": wd},
+        {"params": [p for p in parameters if id(p) in special], "lr_scale": scale, "wd": wd / scale},
     ]
     for group in groups:
         group["weight_decay"] = coupled_wd / group["lr_scale"] if coupled_wd else 0.0
@@ -171,11 +171,16 @@ class WeightAverage:
 
 
 def fingerprint(params: dict[str, Any], world: int) -> str:
-    """Identifies a training run: the train params, the data files and the process count. A resume checkpoint
-    from any other run is ignored."""
+    """Identifies a training run: the train params, the data files, the pretrained weights, the code of the
+    modules training runs, the torch version and the process count. A resume checkpoint from any other run is
+    ignored, so an edit to the model code never resumes from weights of the old code."""
     digest = hashlib.sha256(json.dumps(params["train"], sort_keys=True).encode())
-    for name in ("train.pt", "val.pt", "meta.json"):
-        digest.update(file_digest(PREPARED / name).encode())
+    files = [PREPARED / name for name in ("train.pt", "val.pt", "meta.json")]
+    files += [Path(__file__).with_name(name) for name in ("train.py", "models.py", "augment.py", "common.py")]
+    if params["train"]["pretrained"] != "none":
+        files.append(Path(params["train"]["pretrained"]))
+    for path in files:
+        digest.update(file_digest(path).encode())
     digest.update(f"{torch.__version__} world={world}".encode())
     return digest.hexdigest()
 
@@ -214,7 +219,9 @@ def train(params: dict[str, Any]) -> None:
             torch.cuda.set_device(device)
         torch.backends.cudnn.benchmark = not cfg["deterministic"]
         if cfg["deterministic"]:
-            torch.use_deterministic_algorithms(True)
+            # Deterministic kernels where CUDA has them; the few ops without one (max-pool and bilinear
+            # upsampling backward) warn instead of failing, so those runs stay close but not bit-exact.
+            torch.use_deterministic_algorithms(True, warn_only=True)
 
     meta = read_json(PREPARED / "meta.json", "data summary")
     train_images, train_labels = load_split(PREPARED / "train.pt")
@@ -244,7 +251,9 @@ def train(params: dict[str, Any]) -> None:
     n_train = train_images.shape[0]
     batch = cfg["batch_size"]
     full, remainder = divmod(n_train, batch)
-    steps_per_epoch = full + (1 if remainder >= 2 else 0)  # a 1-image batch would break BatchNorm
+    # The last, smaller batch is kept only when every process gets the same number (>= 2, for BatchNorm) of
+    # its images; otherwise it is dropped (a different part of the data each epoch).
+    steps_per_epoch = full + (1 if remainder >= 2 * world and remainder % world == 0 else 0)
     total_steps = max(1, round(cfg["epochs"] * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
@@ -262,7 +271,7 @@ def train(params: dict[str, Any]) -> None:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             if averaging is not None:
-                averaging.state = state["average"]
+                averaging.state = {k: v.to(device) for k, v in state["average"].items()}
             history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
             say(f"resuming after epoch {start_epoch} from {RESUME_PATH}")
         else:
@@ -377,6 +386,8 @@ def train(params: dict[str, Any]) -> None:
 
 def main() -> None:
     params = load_params()
+    if params["train"]["deterministic"]:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when CUDA starts
     nproc = params["train"]["nproc"]
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
         relaunch_under_torchrun(nproc)

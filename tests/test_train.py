@@ -151,3 +151,29 @@ def test_two_processes_match_one_process(workdir: Path) -> None:
     for a, b in zip(single, double):
         assert abs(float(a["train_loss"]) - float(b["train_loss"])) < 1e-3
         assert abs(float(a["val_acc"]) - float(b["val_acc"])) <= 0.05
+
+
+def test_fine_tuning_from_pretrained_weights_with_frozen_backbone(workdir: Path) -> None:
+    from torchvision.models import resnet18
+    torch.manual_seed(42)
+    weights = resnet18(num_classes=1000).state_dict()
+    (workdir / "models" / "pretrained").mkdir(parents=True)
+    torch.save(weights, workdir / "models" / "pretrained" / "resnet18.pth")
+    tiny_params(workdir, **{"train.model": "resnet18", "train.resnet18.input_size": 32, "train.epochs": 1,
+                            "train.pretrained": "models/pretrained/resnet18.pth", "train.freeze_backbone": True,
+                            "train.lr": 0.05})
+    train(load_params())
+    checkpoint = load_checkpoint(workdir / "models" / "model.pth")
+    state = checkpoint["state_dict"]
+    for name in ("conv1.weight", "layer4.1.conv2.weight", "layer1.0.bn1.running_mean", "bn1.bias"):
+        assert torch.equal(state[f"net.resnet.{name}"], weights[name]), f"{name} changed although frozen"
+    assert state["net.resnet.fc.weight"].shape == (4, 512)
+    assert checkpoint["pretrained"]["path"] == "models/pretrained/resnet18.pth"
+    assert len(checkpoint["pretrained"]["sha256"]) == 64
+
+
+def test_pretrained_weights_must_live_where_dvc_tracks_them(workdir: Path) -> None:
+    from stages.config import ParamsError
+    tiny_params(workdir, **{"train.model": "resnet18", "train.pretrained": "/tmp/resnet18.pth"})
+    with pytest.raises(ParamsError, match="must be a file under models/pretrained/"):
+        load_params()
