@@ -74,3 +74,28 @@ def test_missing_model_is_explained(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     tiny_params(tmp_path)
     with pytest.raises(PipelineError, match="models/model.pth: model checkpoint not found"):
         evaluate(load_params())
+
+
+def test_predict_on_image_files_agrees_with_evaluate(trained: Path, monkeypatch: pytest.MonkeyPatch,
+                                                     tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The predict command on test images saved as PNG files gives evaluate's top-1 class for each."""
+    from PIL import Image
+
+    from stages import predict
+
+    monkeypatch.chdir(trained)
+    tiny_params(trained, **{"train.epochs": 3, "evaluate.tta": 1})
+    evaluate(load_params())
+    with open(trained / "metrics/predictions.csv") as handle:
+        expected = {int(r["index"]): r["predicted"] for r in csv.DictReader(handle)}
+    images, _ = load_split(trained / "data/prepared/test.pt")
+    for index in range(12):
+        Image.fromarray(images[index].permute(1, 2, 0).numpy()).save(tmp_path / f"{index:02d}.png")
+    capsys.readouterr()
+    predict.main([str(trained / "models/model.pth"), str(tmp_path), "--format", "json", "--tta", "1"])
+    results = json.loads(capsys.readouterr().out)
+    assert len(results) == 12
+    for result in results:
+        index = int(Path(result["file"]).stem)
+        assert result["predictions"][0]["class"] == expected[index]
+        assert sum(p["probability"] for p in result["predictions"]) <= 1.0 + 1e-6

@@ -129,3 +129,27 @@ def test_pretrained_errors(tmp_path: Path) -> None:
 def test_model_config_carries_freeze_flag() -> None:
     train = {"model": "resnet18", "resnet18": {"input_size": 64}, "freeze_backbone": True}
     assert model_config(train) == {"input_size": 64, "freeze_backbone": True}
+
+
+def test_get_pretrained_tool_is_explicit_and_fails_clearly_offline(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    tool = Path(__file__).resolve().parent.parent / "tools" / "get_pretrained.py"
+    with socket.socket() as probe:  # a port nobody listens on: connection refused, as offline
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    output = tmp_path / "models/pretrained/resnet18.pth"
+    done = subprocess.run([sys.executable, str(tool), "--url", f"http://127.0.0.1:{port}/resnet18.pth",
+                           "--output", str(output)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert "cannot download" in done.stderr and "copy the file to" in done.stderr
+    assert "Traceback" not in done.stderr and not output.exists()
+
+    source = tmp_path / "weights.pth"
+    torchvision_weights(source)
+    done = subprocess.run([sys.executable, str(tool), "--url", source.as_uri(), "--output", str(output)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert set(torch.load(output, weights_only=True)) == set(torch.load(source, weights_only=True))
