@@ -426,14 +426,6 @@ def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | No
             headline[f"{split} accuracy (last epoch)"] = inputs.train_metrics[split].get("acc")
             headline[f"{split} loss (last epoch)"] = inputs.train_metrics[split].get("loss")
     headline["epochs"] = inputs.train_metrics.get("epochs")
-    # Wall-clock numbers only when the metrics files carry them (train keeps them in a file of their own, so
-    # the report, like every other output, has the same bytes on every rerun).
-    for source, key, label in ((inputs.train_metrics, "seconds", "training time (s)"),
-                               (inputs.train_metrics, "images_per_second", "training throughput (images/s)"),
-                               (inputs.test_metrics, "seconds", "evaluation time (s)")):
-        if key in source:
-            headline[label] = source[key]
-    headline["test-time augmentation views"] = inputs.test_metrics.get("tta")
     headline["test images"] = len(inputs.predictions)
     doc.table(key_value_table(headline, "metric", "value"))
 

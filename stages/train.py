@@ -159,12 +159,17 @@ class WeightAverage:
         elif self.mode == "ema":
             self._blend(model, self.decay, pull_back=False)
         elif step % self.LOOKAHEAD_EVERY == 0:
-            decay = self.decay ** self.LOOKAHEAD_EVERY * (step / self.total_steps) ** 3
-            self._blend(model, decay, pull_back=True)
+            self._blend(model, self._lookahead_decay(step), pull_back=True)
+
+    def _lookahead_decay(self, step: int) -> float:
+        return self.decay ** self.LOOKAHEAD_EVERY * (step / self.total_steps) ** 3
 
     def end_of_epoch(self, model: nn.Module, step: int) -> None:
-        if self.mode == "lookahead" and step >= self.start_step:
-            self._blend(model, 1.0, pull_back=True)
+        """Lookahead: blend in the steps since the last pull-back and pull back once more, so validation and the
+        saved model see the averaged weights. (Blending, not just pulling back: with only a few steps per epoch,
+        a plain pull-back would throw those steps away every epoch.)"""
+        if self.mode == "lookahead" and step >= self.start_step and step % self.LOOKAHEAD_EVERY:
+            self._blend(model, self._lookahead_decay(step), pull_back=True)
 
 
 # ---------------------------------------------------------------- helpers

@@ -177,3 +177,13 @@ def test_pretrained_weights_must_live_where_dvc_tracks_them(workdir: Path) -> No
     tiny_params(workdir, **{"train.model": "resnet18", "train.pretrained": "/tmp/resnet18.pth"})
     with pytest.raises(ParamsError, match="must be a file under models/pretrained/"):
         load_params()
+
+
+def test_lookahead_keeps_training_with_few_steps_per_epoch(workdir: Path) -> None:
+    """One step per epoch: the end-of-epoch pull-back must blend the new step in, not throw it away."""
+    tiny_params(workdir, **{"train.model": "airnet", "train.airnet.widths": [8, 16, 16], "train.batch_size": 240,
+                            "train.epochs": 6, "train.averaging": "lookahead", "train.averaging_start": 1.0,
+                            "train.warmup_epochs": 0, "train.lr": 0.2})
+    train(load_params())
+    val_losses = [row["val_loss"] for row in history(workdir)]
+    assert len(set(val_losses[1:])) == len(val_losses[1:]), f"epochs without progress: {val_losses}"
