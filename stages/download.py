@@ -152,10 +152,8 @@ def _extract_cifar(archive: Path, staging: Path) -> None:
     safe_filter = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
     try:
         with tarfile.open(archive, "r:*") as tar:
-            for member in tar:
-                name = check_member_name(member.name, archive)
+            for name, member in checked_members(tar, archive):
                 if member.issym() or member.islnk():
-                    check_link_target(name, member.linkname, archive, hard=member.islnk())
                     continue
                 if _parts(name)[:1] == [CIFAR10_DIR] and (member.isfile() or member.isdir()):
                     tar.extract(member, staging, **safe_filter)
@@ -167,6 +165,15 @@ def _extract_cifar(archive: Path, staging: Path) -> None:
     if missing:
         raise PipelineError(f"{archive}: not the CIFAR-10 python archive: {CIFAR10_DIR}/{missing[0]} is missing "
                             f"(expected {', '.join(CIFAR10_FILES)})")
+
+
+def checked_members(tar: tarfile.TarFile, label: str | Path) -> Iterator[tuple[str, tarfile.TarInfo]]:
+    """Each member with its checked relative name; PipelineError for a name or link that points outside."""
+    for member in tar:
+        name = check_member_name(member.name, label)
+        if member.issym() or member.islnk():
+            check_link_target(name, member.linkname, label, hard=member.islnk())
+        yield name, member
 
 
 def check_member_name(name: str, archive: str | Path) -> str:
@@ -642,10 +649,8 @@ def _list_tar(path: Path, label: str) -> _Listing:
     listing = _Listing(label)
     try:
         with tarfile.open(path, "r:*") as archive:
-            for member in archive:
-                name = check_member_name(member.name, label)
+            for name, member in checked_members(archive, label):
                 if member.issym() or member.islnk():
-                    check_link_target(name, member.linkname, label, hard=member.islnk())
                     listing.ignored += 1  # links inside the archive are not followed
                 elif member.isdir():
                     listing.add_dir(name)
