@@ -26,10 +26,28 @@ def shift(images: torch.Tensor, dy: torch.Tensor | int, dx: torch.Tensor | int) 
     return images[batch, channel, rows[:, None, :, None], cols[:, None, None, :]]
 
 
-def random_flip(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Mirror a random half (in expectation) of the batch left-right."""
-    flip = torch.rand(images.shape[0], generator=generator) < 0.5
-    return torch.where(flip.to(images.device)[:, None, None, None], images.flip(-1), images)
+def apply_flips(images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mirror left-right the images where `mask` (one bool per image) is true."""
+    return torch.where(mask.to(images.device)[:, None, None, None], images.flip(-1), images)
+
+
+def alternating_flips(n_images: int, seed: int) -> torch.Tensor:
+    """Each training image's orientation in even epochs (a fixed random half mirrored); odd epochs use the
+    opposite, so over every two epochs each image is seen both ways (airbench's alternating flip: less
+    repetition than flipping afresh at random each epoch)."""
+    return torch.rand(n_images, generator=torch.Generator().manual_seed(seed * 7919 + 1)) < 0.5
+
+
+def flip_mask(mode: str, indices: torch.Tensor, epoch: int, generator: torch.Generator,
+              orientations: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Which images of the batch (dataset `indices`) to mirror under `train.augment.flip`; None for `none`.
+    alternate needs the `orientations` from `alternating_flips`."""
+    if mode == "random":
+        return torch.rand(indices.shape[0], generator=generator) < 0.5
+    if mode == "alternate":
+        assert orientations is not None
+        return orientations[indices.cpu()] ^ bool(epoch % 2)
+    return None
 
 
 def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
@@ -39,12 +57,30 @@ def random_translate(images: torch.Tensor, max_shift: int, generator: torch.Gene
     return shift(images, offsets[0], offsets[1])
 
 
-def augment_batch(images: torch.Tensor, flip: bool, translate: int, generator: torch.Generator) -> torch.Tensor:
-    """The training augmentation: random flip, then random translation. Same generator state, same batch."""
-    if flip:
-        images = random_flip(images, generator)
+def cutout(images: torch.Tensor, size: int, fill: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Paint a size x size square (clipped at the borders) centred on a random pixel of each image with `fill`
+    (one value per channel: the dataset mean, i.e. zero after normalization, as in Cutout / airbench96)."""
+    n, channels, h, w = images.shape
+    centres = torch.stack([torch.randint(0, h, (n,), generator=generator),
+                           torch.randint(0, w, (n,), generator=generator)]).to(images.device)
+    low = size // 2
+    rows = torch.arange(h, device=images.device)[None, :] - centres[0][:, None]  # N x H, offset from the centre
+    cols = torch.arange(w, device=images.device)[None, :] - centres[1][:, None]
+    inside = ((rows >= -low) & (rows < size - low))[:, :, None] & ((cols >= -low) & (cols < size - low))[:, None, :]
+    return torch.where(inside[:, None], fill.to(images.device, images.dtype).view(1, channels, 1, 1), images)
+
+
+def augment_batch(images: torch.Tensor, flips: torch.Tensor | None, translate: int, generator: torch.Generator,
+                  cutout_size: int = 0, fill: torch.Tensor | None = None) -> torch.Tensor:
+    """The training augmentation: mirror the images `flips` marks (see `flip_mask`), translate at random, then
+    cut out a square (when cutout_size > 0; `fill` is its colour). Same generator state, same batch."""
+    if flips is not None:
+        images = apply_flips(images, flips)
     if translate > 0:
         images = random_translate(images, translate, generator)
+    if cutout_size > 0:
+        assert fill is not None
+        images = cutout(images, cutout_size, fill, generator)
     return images
 
 

@@ -118,6 +118,8 @@ SCHEMA: dict[str, Any] = {
         "freeze_backbone": Bool(),
         "epochs": Num(gt=0),  # fractions allowed: short benchmark runs and schedules in epochs
         "batch_size": Num(integer=True, ge=1),
+        "optimizer": Choice(("sgd", "muon")),
+        "muon": {"lr": Num(gt=0), "momentum": Num(ge=0, lt=1)},
         "lr": Num(gt=0),
         "momentum": Num(ge=0, lt=1),
         "nesterov": Bool(),
@@ -130,7 +132,9 @@ SCHEMA: dict[str, Any] = {
         "averaging": Choice(("none", "ema", "lookahead")),
         "averaging_decay": Num(ge=0, lt=1),
         "averaging_start": Num(ge=0),
-        "augment": {"flip": Bool(), "translate": Num(integer=True, ge=0, le=16)},
+        "augment": {"flip": Choice(("none", "random", "alternate")), "translate": Num(integer=True, ge=0, le=16),
+                    "cutout": Num(integer=True, ge=0)},
+        "low_res": {"size": Num(integer=True, ge=0), "epochs": Num(ge=0)},
         "precision": Choice(("auto", "bf16", "fp32")),
         "channels_last": Bool(),
         "deterministic": Bool(),
@@ -177,6 +181,9 @@ def _check_relations(params: dict[str, Any]) -> None:
     if train["freeze_backbone"] and train["pretrained"] == "none":
         raise ParamsError("train.freeze_backbone: freezing needs pretrained weights (train.pretrained); "
                           "a frozen random backbone would learn nothing")
+    if train["optimizer"] == "muon" and (train["model"] == "mlp" or train["freeze_backbone"]):
+        why = "the mlp has none" if train["model"] == "mlp" else "freeze_backbone freezes them all"
+        raise ParamsError(f"train.optimizer: muon trains conv filters and {why}; set train.optimizer: sgd")
     pretrained = train["pretrained"]
     if pretrained != "none":
         parts = PurePosixPath(pretrained).parts

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from stages.augment import augment_batch
+from stages.augment import alternating_flips, augment_batch, flip_mask
 from stages.common import (CHECKPOINT_FORMAT, PipelineError, file_digest, load_split, load_torch, log,
                            pick_device, read_json, run_stage, save_torch, seed_everything, write_json, write_text)
 from stages.config import load_params
@@ -40,6 +40,7 @@ METRICS_PATH = Path("metrics/train.json")
 TIME_PATH = Path("metrics/train_time.json")
 HISTORY_PATH = Path("metrics/history.csv")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+RESOLUTION_FREE = ("cnn", "airnet")  # global pooling at the end: any input size works
 WHITENING_SAMPLE = 5000  # images used to estimate the airnet stem's patch covariance
 
 
@@ -90,39 +91,105 @@ def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def make_optimizer(model: nn.Module, train: dict[str, Any]) -> torch.optim.SGD:
+def orthogonalize(matrix: torch.Tensor, dtype: torch.dtype, steps: int = 3) -> torch.Tensor:
+    """An approximation of U V^T for matrix = U S V^T (all singular values pushed towards 1) by a quintic
+    Newton-Schulz iteration. The coefficients (Muon's) converge fast from a Frobenius-normalized start rather
+    than exactly; a few steps are enough for an optimizer update."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix.to(dtype)
+    x = x / (x.norm() + 1e-7)
+    wide = x.shape[0] <= x.shape[1]
+    if not wide:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x if wide else x.T).to(matrix.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum orthogonalized by Newton-Schulz (Keller Jordan's Muon, as in airbench94_muon), for conv filters.
+    Each update is the (Nesterov) momentum with all its singular values set to ~1, so every direction of a
+    filter bank moves at the same rate instead of a few dominant ones. The filters are held at a fixed norm
+    (sqrt of the output channels): BatchNorm follows each conv, so their scale carries no information, and
+    without it the effective step size would drift as the weights grow."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float, nesterov: bool,
+                 dtype: torch.dtype) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov})
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(momentum).add_(p.grad)
+                direction = p.grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+                p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp_min(1e-12))
+                update = orthogonalize(direction.reshape(p.shape[0], -1), self.dtype).view_as(p)
+                p.add_(update, alpha=-group["lr"])
+
+
+def make_optimizers(model: nn.Module, train: dict[str, Any], device: torch.device) -> list[torch.optim.Optimizer]:
     """SGD with two parameter groups: BatchNorm parameters get lr * bias_lr_scale (and weight decay divided by
     it, so lr x wd stays the same), everything else the base rate. With decoupled weight decay the decay is
-    applied to the weights directly in `apply_weight_decay`, not through the gradient and momentum."""
+    applied to the weights directly in `apply_weight_decay`, not through the gradient and momentum.
+    train.optimizer muon: the conv filters go to `Muon` instead (no weight decay: it holds their norm fixed).
+    Every group keeps its peak rate in "peak_lr"; `set_lr` scales all of them by the schedule."""
     special = bias_and_norm_parameters(model)
     # Frozen parameters stay in the groups too (SGD skips them while they have no gradient): airnet's stem bias
     # trains only for the first epochs.
     parameters = list(model.parameters())
+    filters = ([p for p in parameters if p.ndim == 4 and p.requires_grad] if train["optimizer"] == "muon" else [])
+    if train["optimizer"] == "muon" and not filters:
+        raise PipelineError(f"train.optimizer: muon trains conv filters, and model {train['model']!r} has none "
+                            "to train; use sgd")
+    in_muon = {id(p) for p in filters}
     scale, wd = train["bias_lr_scale"], train["weight_decay"]
     coupled_wd = 0.0 if train["decoupled_weight_decay"] else wd
     groups = [
-        {"params": [p for p in parameters if id(p) not in special], "lr_scale": 1.0, "wd": wd},
+        {"params": [p for p in parameters if id(p) not in special and id(p) not in in_muon], "lr_scale": 1.0,
+         "wd": wd},
         {"params": [p for p in parameters if id(p) in special], "lr_scale": scale, "wd": wd / scale},
     ]
     for group in groups:
         group["weight_decay"] = coupled_wd / group["lr_scale"] if coupled_wd else 0.0
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=train["lr"], momentum=train["momentum"],
-                           nesterov=train["nesterov"] and train["momentum"] > 0)
+        group["peak_lr"] = train["lr"] * group["lr_scale"]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(
+        [g for g in groups if g["params"]], lr=train["lr"], momentum=train["momentum"],
+        nesterov=train["nesterov"] and train["momentum"] > 0)]
+    if filters:
+        # bf16 Newton-Schulz where bf16 matmuls are native (it is only an update direction), fp32 elsewhere
+        dtype = autocast_dtype(train["precision"], device) or torch.float32
+        muon = Muon(filters, train["muon"]["lr"], train["muon"]["momentum"], nesterov=True,
+                    dtype=torch.float32 if dtype == torch.float16 else dtype)
+        muon.param_groups[0].update(peak_lr=train["muon"]["lr"], wd=0.0)
+        optimizers.append(muon)
+    return optimizers
 
 
-def set_lr(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = base_lr * group["lr_scale"]
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * factor
 
 
 @torch.no_grad()
-def apply_weight_decay(optimizer: torch.optim.Optimizer, base_lr: float) -> None:
+def apply_weight_decay(optimizers: list[torch.optim.Optimizer]) -> None:
     """Decoupled weight decay (SGDW): w <- w * (1 - lr_t * wd), the same for every group."""
-    for group in optimizer.param_groups:
-        factor = 1.0 - base_lr * group["lr_scale"] * group["wd"]
-        for p in group["params"]:
-            if p.requires_grad and p.ndim > 1:  # biases and norm shifts are not decayed
-                p.mul_(factor)
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            factor = 1.0 - group["lr"] * group["wd"]
+            for p in group["params"]:
+                if p.requires_grad and p.ndim > 1 and factor != 1.0:  # biases and norm shifts are not decayed
+                    p.mul_(factor)
 
 
 # ---------------------------------------------------------------- weight averaging
@@ -251,9 +318,11 @@ def train(params: dict[str, Any]) -> None:
         model.to(memory_format=torch.channels_last)
     dtype = autocast_dtype(cfg["precision"], device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    optimizer = make_optimizer(model, cfg)
+    optimizers = make_optimizers(model, cfg, device)
 
     n_train = train_images.shape[0]
+    cutout_fill = torch.tensor(meta["mean"]).mul(255).round().to(train_images.dtype)  # zero once normalized
+    orientations = alternating_flips(n_train, cfg["seed"]) if cfg["augment"]["flip"] == "alternate" else None
     batch = cfg["batch_size"]
     full, remainder = divmod(n_train, batch)
     # The last, smaller batch is kept only when every process gets the same number (>= 2, for BatchNorm) of
@@ -262,6 +331,15 @@ def train(params: dict[str, Any]) -> None:
     total_steps = max(1, round(cfg["epochs"] * steps_per_epoch))
     n_epochs = math.ceil(total_steps / steps_per_epoch)
     warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
+    low_res_size = cfg["low_res"]["size"]
+    low_res_steps = round(cfg["low_res"]["epochs"] * steps_per_epoch) if low_res_size else 0
+    if low_res_steps:
+        if cfg["model"] not in RESOLUTION_FREE:
+            raise PipelineError(f"train.low_res: model {cfg['model']!r} takes one input size only; "
+                                f"low-resolution epochs work with {', '.join(RESOLUTION_FREE)}")
+        if low_res_size >= image_size:
+            raise PipelineError(f"train.low_res.size: {low_res_size} must be smaller than the images "
+                                f"({image_size} px) to save time")
     averaging = None
     if cfg["averaging"] != "none":
         averaging = WeightAverage(model, cfg["averaging"], cfg["averaging_decay"],
@@ -274,7 +352,8 @@ def train(params: dict[str, Any]) -> None:
         state = load_torch(RESUME_PATH, "resume checkpoint")
         if isinstance(state, dict) and state.get("fingerprint") == run_id:
             model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            for optimizer, optimizer_state in zip(optimizers, state["optimizers"]):
+                optimizer.load_state_dict(optimizer_state)
             if averaging is not None:
                 averaging.state = {k: v.to(device) for k, v in state["average"].items()}
             history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
@@ -307,14 +386,19 @@ def train(params: dict[str, Any]) -> None:
             indices = order[step_in_epoch * batch:(step_in_epoch + 1) * batch].to(device)
             # Augment the whole global batch, then take this rank's share: every rank draws the same random
             # numbers, so N processes see exactly the images one process would.
-            images = augment_batch(train_images[indices], cfg["augment"]["flip"], cfg["augment"]["translate"],
-                                   generator)[rank::world].float()
+            flips = flip_mask(cfg["augment"]["flip"], indices, epoch, generator, orientations)
+            images = augment_batch(train_images[indices], flips, cfg["augment"]["translate"], generator,
+                                   cfg["augment"]["cutout"], cutout_fill)[rank::world].float()
             indices = indices[rank::world]
+            if step < low_res_steps:
+                images = F.interpolate(images, size=(low_res_size, low_res_size), mode="bilinear",
+                                       antialias=True, align_corners=False)
             if channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             labels = train_labels[indices]
-            base_lr = cfg["lr"] * lr_factor(step, total_steps, warmup_steps, cfg["schedule"])
-            set_lr(optimizer, base_lr)
+            factor = lr_factor(step, total_steps, warmup_steps, cfg["schedule"])
+            base_lr = cfg["lr"] * factor
+            set_lr(optimizers, factor)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 logits = net(images)
                 loss = loss_fn(logits.float(), labels)
@@ -323,11 +407,13 @@ def train(params: dict[str, Any]) -> None:
                     f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1} "
                     f"(lr {base_lr:.4g}). Most likely train.lr={cfg['lr']} is too high for this model and "
                     f"batch size; try a smaller lr or a longer warm-up. No model was saved.")
-            optimizer.zero_grad(set_to_none=True)
+            for optimizer in optimizers:
+                optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             if cfg["decoupled_weight_decay"] and cfg["weight_decay"] > 0:
-                apply_weight_decay(optimizer, base_lr)
-            scaler.step(optimizer)
+                apply_weight_decay(optimizers)
+            for optimizer in optimizers:
+                scaler.step(optimizer)
             scaler.update()
             if averaging is not None:
                 averaging.after_step(model, step + 1)
@@ -359,7 +445,7 @@ def train(params: dict[str, Any]) -> None:
             f"{val_text}  lr {base_lr:.3g}  {train_seconds:.1f}s  {seen / train_seconds:,.0f} img/s")
         if is_main:
             save_torch({"fingerprint": run_id, "epoch": epoch + 1, "elapsed": elapsed, "history": history,
-                        "model": plain_state_dict(model), "optimizer": optimizer.state_dict(),
+                        "model": plain_state_dict(model), "optimizers": [o.state_dict() for o in optimizers],
                         "average": averaging.state if averaging is not None else None}, RESUME_PATH)
 
     if is_main:

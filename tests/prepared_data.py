@@ -43,6 +43,7 @@ def tiny_params(root: Path, **overrides: Any) -> dict[str, Any]:
     """The repo's params.yaml with a small, fast training setup; overrides use dotted keys: {"train.lr": 0.1}."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     settings = {"train.model": "cnn", "train.cnn.channels": [8, 16, 16], "train.epochs": 2, "train.batch_size": 32,
+                "train.optimizer": "sgd", "train.low_res.size": 0, "train.augment.cutout": 0,
                 "train.lr": 0.1, "train.warmup_epochs": 0.5, "train.log_every": 100, "train.label_smoothing": 0.0,
                 "train.bias_lr_scale": 1.0, "train.averaging": "none", "evaluate.tta": 1, "evaluate.batch_size": 50}
     settings.update(overrides)

@@ -100,7 +100,7 @@ def test_report_has_tables_figures_and_html(workspace: Path) -> None:
     assert "| val accuracy (last epoch) | 0.4000 |" in text
     assert "| cat | 0.7500 | 4 | frog (1) |" in text  # per-class table with its most common confusion
     assert "| frog | 0.2500 | 4 | dog (2) |" in text
-    assert "| train.augment.flip | True |" in text  # nested train params, flattened
+    assert "| train.augment.flip | alternate |" in text  # nested train params, flattened
     assert "| train.cnn.channels | [32, 64, 128] |" in text
     assert "train.mlp.hidden" not in text and "train.airnet" not in text  # other models' sections left out
     assert "| train.weight_decay | 1e-05 |" in text

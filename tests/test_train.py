@@ -19,7 +19,7 @@ import torch
 from prepared_data import REPO_ROOT, tiny_params, write_prepared
 from stages.common import PipelineError, load_checkpoint
 from stages.config import load_params
-from stages.train import lr_factor, train
+from stages.train import Muon, lr_factor, orthogonalize, train
 
 
 def md5(path: Path) -> str:
@@ -45,6 +45,9 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
                 "train.averaging": "ema", "train.averaging_decay": 0.9, "train.averaging_start": 0.0}),
     ("airnet", {"train.airnet.widths": [16, 32, 32], "train.lr": 0.2, "train.averaging": "lookahead",
                 "train.averaging_start": 1.0}),
+    ("airnet", {"train.airnet.widths": [16, 32, 32], "train.lr": 0.2, "train.optimizer": "muon",
+                "train.augment.flip": "alternate"}),
+    ("cnn", {"train.optimizer": "muon", "train.muon.lr": 0.1}),
 ])
 def test_each_model_learns_and_writes_a_self_describing_checkpoint(workdir: Path, model: str,
                                                                    overrides: dict) -> None:
@@ -61,8 +64,9 @@ def test_each_model_learns_and_writes_a_self_describing_checkpoint(workdir: Path
     assert {"train", "val", "epochs"} <= set(__import__("json").loads((workdir / "metrics/train.json").read_text()))
 
 
-def test_two_runs_are_bit_identical(workdir: Path) -> None:
-    tiny_params(workdir, **{"train.model": "airnet", "train.airnet.widths": [8, 16, 16],
+@pytest.mark.parametrize("optimizer", ["sgd", "muon"])
+def test_two_runs_are_bit_identical(workdir: Path, optimizer: str) -> None:
+    tiny_params(workdir, **{"train.model": "airnet", "train.airnet.widths": [8, 16, 16], "train.optimizer": optimizer,
                             "train.averaging": "lookahead", "train.averaging_start": 1.0})
     outputs = ["models/model.pth", "metrics/history.csv", "metrics/train.json"]
     train(load_params())
@@ -187,3 +191,65 @@ def test_lookahead_keeps_training_with_few_steps_per_epoch(workdir: Path) -> Non
     train(load_params())
     val_losses = [row["val_loss"] for row in history(workdir)]
     assert len(set(val_losses[1:])) == len(val_losses[1:]), f"epochs without progress: {val_losses}"
+
+
+@pytest.mark.parametrize("shape", [(16, 72), (72, 16), (32, 32)])
+def test_orthogonalize_pushes_singular_values_towards_one(shape: tuple[int, int]) -> None:
+    generator = torch.Generator().manual_seed(0)
+    rank = min(shape)
+    left, _ = torch.linalg.qr(torch.randn(shape[0], rank, generator=generator))
+    right, _ = torch.linalg.qr(torch.randn(shape[1], rank, generator=generator))
+    spectrum = torch.logspace(0, 1.5, rank)  # singular values 1 .. ~32, like a momentum with a few strong directions
+    singular = torch.linalg.svdvals(orthogonalize(left @ torch.diag(spectrum) @ right.T, torch.float32))
+    # three steps of Muon's fast coefficients: every direction brought near 1, not exactly to 1
+    assert singular.shape == (rank,)
+    assert 0.3 < singular.min() and singular.max() < 1.3 and singular.max() / singular.min() < 3
+
+
+def test_muon_keeps_filter_norm_and_moves_against_the_gradient() -> None:
+    conv = torch.nn.Conv2d(4, 8, 3, bias=False)
+    with torch.no_grad():
+        conv.weight.mul_(10)
+    optimizer = Muon([conv.weight], lr=0.05, momentum=0.6, nesterov=True, dtype=torch.float32)
+    x = torch.randn(16, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+    target = torch.randn(16, 8, 4, 4, generator=torch.Generator().manual_seed(2))
+    losses = []
+    for _ in range(20):
+        loss = ((conv(x) - target) ** 2).mean()
+        losses.append(loss.item())
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        # held at sqrt(out channels) before each update; the update (spectral norm ~ lr) moves it only a little
+        assert abs(conv.weight.norm().item() - 8 ** 0.5) < 0.2
+    assert losses[-1] < losses[1]
+    assert set(optimizer.state_dict()["state"][0]) == {"momentum_buffer"}
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.model": "mlp", "train.mlp.hidden": [32]}, "muon trains conv filters and the mlp has none"),
+    ({"train.model": "resnet18", "train.freeze_backbone": True, "train.pretrained": "models/pretrained/r.pth"},
+     "muon trains conv filters and freeze_backbone freezes them all"),
+])
+def test_muon_needs_conv_filters_to_train(workdir: Path, overrides: dict, message: str) -> None:
+    tiny_params(workdir, **{"train.optimizer": "muon", **overrides})
+    with pytest.raises(PipelineError, match=f"train.optimizer: {message}; set train.optimizer: sgd"):
+        train(load_params())
+
+
+def test_low_resolution_epochs_train_then_switch_to_full_size(workdir: Path) -> None:
+    tiny_params(workdir, **{"train.model": "airnet", "train.airnet.widths": [16, 32, 32], "train.lr": 0.2,
+                            "train.epochs": 3, "train.low_res.size": 20, "train.low_res.epochs": 1.5})
+    train(load_params())
+    rows = history(workdir)
+    assert float(rows[-1]["train_loss"]) < float(rows[0]["train_loss"]) and float(rows[-1]["val_acc"]) > 0.5
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"train.model": "mlp", "train.mlp.hidden": [32]}, "model 'mlp' takes one input size only"),
+    ({"train.model": "cnn", "train.low_res.size": 32}, r"train.low_res.size: 32 must be smaller than the images"),
+])
+def test_low_resolution_refuses_what_cannot_work(workdir: Path, overrides: dict, message: str) -> None:
+    tiny_params(workdir, **{"train.low_res.size": 16, "train.low_res.epochs": 1, **overrides})
+    with pytest.raises(PipelineError, match=message):
+        train(load_params())
