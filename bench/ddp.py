@@ -16,7 +16,8 @@ from workspace import REPO_ROOT, header, read_metrics, run_stage
 
 SETUP = {"data.source": "synthetic", "data.synthetic.train_size": 10000, "data.synthetic.test_size": 2000,
          "train.model": "cnn", "train.epochs": 3, "train.batch_size": 256, "train.lr": 0.2,
-         "train.bias_lr_scale": 1.0, "train.warmup_epochs": 0.5, "train.averaging": "none", "evaluate.tta": 1}
+         "train.bias_lr_scale": 1.0, "train.warmup_epochs": 0.5, "train.averaging": "none", "evaluate.tta": 1,
+         "train.optimizer": "sgd", "train.augment.flip": "random", "train.augment.cutout": 0, "train.low_res.size": 0}
 
 
 def main() -> None:

@@ -8,15 +8,27 @@ Presets are `dvc exp run -S` overrides of params.yaml (the README lists the same
 
 from __future__ import annotations
 
+import shutil
 import sys
 
 from workspace import header, make_workspace, read_metrics, run_stage
 
 # The seed's FC net on in-memory tensors: batches of 512, momentum SGD, linear decay, no augmentation.
-FC = {"train.model": "mlp", "train.batch_size": 512, "train.lr": 0.04, "train.momentum": 0.9,
-      "train.nesterov": False, "train.weight_decay": 0.0, "train.label_smoothing": 0.0, "train.augment.flip": False,
-      "train.augment.translate": 0, "train.schedule": "linear", "train.warmup_epochs": 0.0,
+FC = {"train.model": "mlp", "train.optimizer": "sgd", "train.batch_size": 512, "train.lr": 0.04, "train.momentum": 0.9,
+      "train.nesterov": False, "train.weight_decay": 0.0, "train.label_smoothing": 0.0, "train.augment.flip": "none",
+      "train.augment.translate": 0, "train.augment.cutout": 0, "train.low_res.size": 0, "train.schedule": "linear", "train.warmup_epochs": 0.0,
       "train.averaging": "none", "data.val_fraction": 0.0, "evaluate.tta": 1}
+
+# The first round's airnet recipe (the default until the second round): Nesterov SGD for every parameter, random
+# flips, a warm-up of 23% of the epochs, no cutout, full resolution throughout.
+SGD = {"train.optimizer": "sgd", "train.augment.flip": "random", "train.augment.cutout": 0, "train.low_res.size": 0,
+       "train.low_res.epochs": 0, "train.batch_size": 1024, "train.lr": 1.5, "train.epochs": 20,
+       "train.warmup_epochs": 4.6, "train.averaging_start": 6.0, "train.airnet.whiten_bias_epochs": 6.0}
+SGD_FAST = {**SGD, "train.epochs": 5, "train.warmup_epochs": 1.15, "train.averaging_start": 1.5,
+            "train.airnet.whiten_bias_epochs": 1.5}  # a quarter of the schedule, every phase scaled alike
+# The second round: Muon for the conv filters (airbench94_muon) and alternating flips, no warm-up.
+MUON = {**SGD, "train.optimizer": "muon", "train.augment.flip": "alternate", "train.warmup_epochs": 0.0}
+MUON_FAST = {**MUON, "train.epochs": 5, "train.averaging_start": 1.5, "train.airnet.whiten_bias_epochs": 1.5}
 
 PRESETS: dict[str, dict[str, object]] = {
     "fc": {**FC, "train.epochs": 8, "train.precision": "bf16"},
@@ -26,13 +38,36 @@ PRESETS: dict[str, dict[str, object]] = {
              "train.schedule": "constant", "train.precision": "fp32", "train.channels_last": False,
              "train.log_every": 50000, "normalize.stats": "fixed"},
     "airnet": {},  # the defaults in params.yaml
-    # The same recipe on a quarter of the schedule (warm-up, averaging and stem-bias epochs scaled alike).
-    "airnet-fast": {"train.epochs": 5, "train.warmup_epochs": 1.15, "train.averaging_start": 1.5,
-                    "train.airnet.whiten_bias_epochs": 1.5},
-    # Half the batch at the same lr per example: twice the steps per epoch.
-    "airnet-b512": {"train.batch_size": 512, "train.lr": 0.75},
-    "airnet-fast-b512": {"train.epochs": 5, "train.warmup_epochs": 1.15, "train.averaging_start": 1.5,
-                         "train.airnet.whiten_bias_epochs": 1.5, "train.batch_size": 512, "train.lr": 0.75},
+    # The README's fast preset: the default recipe on 5 epochs, without cutout or low-resolution epochs.
+    "airnet-fast": {"train.epochs": 5, "train.averaging_start": 1.5, "train.airnet.whiten_bias_epochs": 1.5,
+                    "train.augment.cutout": 0, "train.low_res.size": 0},
+    # First round.
+    "sgd": SGD,
+    "sgd-fast": SGD_FAST,
+    "sgd-b512": {**SGD, "train.batch_size": 512, "train.lr": 0.75},  # twice the steps, same lr per example
+    "sgd-fast-b512": {**SGD_FAST, "train.batch_size": 512, "train.lr": 0.75},
+    # Second round, short runs.
+    "muon-fast-warmup": {**MUON_FAST, "train.warmup_epochs": 1.15},
+    "muon-fast": MUON_FAST,
+    "muon-fast-b2000": {**MUON_FAST, "train.batch_size": 2000},
+    "muon-fast-5.5": {**MUON_FAST, "train.epochs": 5.5, "train.averaging_start": 1.65,
+                      "train.airnet.whiten_bias_epochs": 1.65},
+    "muon-fast-lowres": {**MUON_FAST, "train.epochs": 5.9, "train.averaging_start": 1.8,
+                         "train.airnet.whiten_bias_epochs": 1.8, "train.low_res.size": 24, "train.low_res.epochs": 2},
+    "muon-fast-lowres3": {**MUON_FAST, "train.epochs": 6.1, "train.averaging_start": 1.8,
+                          "train.airnet.whiten_bias_epochs": 1.8, "train.low_res.size": 24, "train.low_res.epochs": 3},
+    "muon-fast-b512": {**MUON_FAST, "train.epochs": 5.5, "train.averaging_start": 1.65,
+                       "train.airnet.whiten_bias_epochs": 1.65, "train.batch_size": 512, "train.lr": 0.75},
+    "muon-fast-b512-mlr": {**MUON_FAST, "train.epochs": 5.5, "train.averaging_start": 1.65,
+                           "train.airnet.whiten_bias_epochs": 1.65, "train.batch_size": 512, "train.lr": 0.75,
+                           "train.muon.lr": 0.17},
+    # Second round, long runs.
+    "muon-22": {**MUON, "train.epochs": 22},
+    "muon-cutout-21": {**MUON, "train.epochs": 21, "train.augment.cutout": 12},
+    "muon-cutout-lowres-22": {**MUON, "train.epochs": 22, "train.augment.cutout": 12, "train.low_res.size": 24,
+                              "train.low_res.epochs": 4},
+    "muon-wide-8": {**MUON, "train.epochs": 8, "train.augment.cutout": 12, "train.airnet.widths": [128, 384, 384],
+                    "train.averaging_start": 2.4, "train.airnet.whiten_bias_epochs": 2.4},
 }
 
 
@@ -55,6 +90,7 @@ def main() -> None:
         train_seconds = run_stage(root, "train", overrides, quiet=True)
         evaluate_seconds = run_stage(root, "evaluate", overrides, quiet=True)
         metrics = read_metrics(root)
+        shutil.copy(root / "metrics" / "history.csv", root / f"history-{name}.csv")  # per-epoch curve, kept
         rows.append((name, metrics["test"]["acc"], train_seconds, evaluate_seconds,
                      metrics["train_time"]["seconds"], normalize_seconds))
         print(f"{name:<12s} test acc {metrics['test']['acc']:.4f}  train {train_seconds:7.1f} s "
