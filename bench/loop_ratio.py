@@ -59,7 +59,7 @@ def main() -> None:
     samples = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
     header(f"loop ratio, {samples} training images each")
     with tempfile.TemporaryDirectory() as scratch:
-        with zipfile.ZipFile(CIFAR_JPEG_ZIP) as archive:
+        with zipfile.ZipFile(CIFAR_JPEG_ZIP) as archive:  # zipfile drops absolute paths and ".." from names
             archive.extractall(scratch, [m for m in archive.namelist() if "/train/" in m])
         train_dir = next(Path(scratch).glob("*/train"))
         seed_rate = seed_loop(train_dir, samples)

@@ -17,6 +17,7 @@ from stages.common import PipelineError
 
 PARAMS_FILE = "params.yaml"
 MODELS = ("mlp", "cnn", "airnet", "resnet18")
+RESOLUTION_FREE = ("cnn", "airnet")  # end in global pooling, so train.low_res can shrink their input
 URL_SCHEMES = ("http", "https", "file")
 
 
@@ -184,6 +185,9 @@ def _check_relations(params: dict[str, Any]) -> None:
     if train["optimizer"] == "muon" and (train["model"] == "mlp" or train["freeze_backbone"]):
         why = "the mlp has none" if train["model"] == "mlp" else "freeze_backbone freezes them all"
         raise ParamsError(f"train.optimizer: muon trains conv filters and {why}; set train.optimizer: sgd")
+    if train["low_res"]["size"] and train["low_res"]["epochs"] and train["model"] not in RESOLUTION_FREE:
+        raise ParamsError(f"train.low_res: model {train['model']!r} takes one input size only; low-resolution "
+                          f"epochs work with {', '.join(RESOLUTION_FREE)} (set train.low_res.size: 0)")
     pretrained = train["pretrained"]
     if pretrained != "none":
         parts = PurePosixPath(pretrained).parts

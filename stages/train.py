@@ -40,7 +40,6 @@ METRICS_PATH = Path("metrics/train.json")
 TIME_PATH = Path("metrics/train_time.json")
 HISTORY_PATH = Path("metrics/history.csv")
 HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
-RESOLUTION_FREE = ("cnn", "airnet")  # global pooling at the end: any input size works
 WHITENING_SAMPLE = 5000  # images used to estimate the airnet stem's patch covariance
 
 
@@ -147,10 +146,8 @@ def make_optimizers(model: nn.Module, train: dict[str, Any], device: torch.devic
     # Frozen parameters stay in the groups too (SGD skips them while they have no gradient): airnet's stem bias
     # trains only for the first epochs.
     parameters = list(model.parameters())
+    # (the params check refuses muon for models without trainable conv filters)
     filters = ([p for p in parameters if p.ndim == 4 and p.requires_grad] if train["optimizer"] == "muon" else [])
-    if train["optimizer"] == "muon" and not filters:
-        raise PipelineError(f"train.optimizer: muon trains conv filters, and model {train['model']!r} has none "
-                            "to train; use sgd")
     in_muon = {id(p) for p in filters}
     scale, wd = train["bias_lr_scale"], train["weight_decay"]
     coupled_wd = 0.0 if train["decoupled_weight_decay"] else wd
@@ -333,13 +330,9 @@ def train(params: dict[str, Any]) -> None:
     warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
     low_res_size = cfg["low_res"]["size"]
     low_res_steps = round(cfg["low_res"]["epochs"] * steps_per_epoch) if low_res_size else 0
-    if low_res_steps:
-        if cfg["model"] not in RESOLUTION_FREE:
-            raise PipelineError(f"train.low_res: model {cfg['model']!r} takes one input size only; "
-                                f"low-resolution epochs work with {', '.join(RESOLUTION_FREE)}")
-        if low_res_size >= image_size:
-            raise PipelineError(f"train.low_res.size: {low_res_size} must be smaller than the images "
-                                f"({image_size} px) to save time")
+    if low_res_steps and low_res_size >= image_size:  # the model check is in stages/config.py
+        raise PipelineError(f"train.low_res.size: {low_res_size} must be smaller than the images "
+                            f"({image_size} px) to save time")
     averaging = None
     if cfg["averaging"] != "none":
         averaging = WeightAverage(model, cfg["averaging"], cfg["averaging_decay"],

@@ -4,7 +4,7 @@
     python tools/get_pretrained.py                  # -> models/pretrained/resnet18.pth
     dvc add models/pretrained/resnet18.pth          # version it
     dvc exp run -S train.model=resnet18 -S train.pretrained=models/pretrained/resnet18.pth -S train.freeze_backbone=true \\
-        -S train.optimizer=sgd
+        -S train.optimizer=sgd -S train.low_res.size=0
 
 Needs network access to torchvision's weight host; offline it stops with one message saying how to bring the file
 from another machine."""
