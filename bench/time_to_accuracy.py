@@ -30,6 +30,13 @@ SGD_FAST = {**SGD, "train.epochs": 5, "train.warmup_epochs": 1.15, "train.averag
 MUON = {**SGD, "train.optimizer": "muon", "train.augment.flip": "alternate", "train.warmup_epochs": 0.0}
 MUON_FAST = {**MUON, "train.epochs": 5, "train.averaging_start": 1.5, "train.airnet.whiten_bias_epochs": 1.5}
 
+# The README's fast preset: the default recipe on 5.8 epochs (2 of them at 24 px), without cutout.
+FAST = {"train.epochs": 5.8, "train.averaging_start": 1.75, "train.airnet.whiten_bias_epochs": 1.75,
+        "train.augment.cutout": 0, "train.low_res.epochs": 2}
+# The default (long) recipe and the fast preset on other seeds, to tell a real difference from run-to-run noise.
+SEEDS = {f"{name}-seed{seed}": {**recipe, "train.seed": seed}
+         for name, recipe in (("airnet", {}), ("airnet-fast", FAST)) for seed in (1, 2, 3)}
+
 PRESETS: dict[str, dict[str, object]] = {
     "fc": {**FC, "train.epochs": 8, "train.precision": "bf16"},
     "fc-fp32": {**FC, "train.epochs": 4, "train.precision": "fp32"},
@@ -38,9 +45,20 @@ PRESETS: dict[str, dict[str, object]] = {
              "train.schedule": "constant", "train.precision": "fp32", "train.channels_last": False,
              "train.log_every": 50000, "normalize.stats": "fixed"},
     "airnet": {},  # the defaults in params.yaml
-    # The README's fast preset: the default recipe on 5.8 epochs (2 of them at 24 px), without cutout.
-    "airnet-fast": {"train.epochs": 5.8, "train.averaging_start": 1.75, "train.airnet.whiten_bias_epochs": 1.75,
-                    "train.augment.cutout": 0, "train.low_res.epochs": 2},
+    "airnet-fast": FAST,
+    **SEEDS,
+    # Third round: all 50,000 training images (no validation split), bigger shifts for the long schedule.
+    "airnet-fast-all": {**FAST, "data.val_fraction": 0.0},
+    **{f"airnet-fast-all-seed{seed}": {**FAST, "data.val_fraction": 0.0, "train.seed": seed} for seed in (1, 2)},
+    # Half the default schedule on two seeds, for an ensemble of two (see the ensemble check in BENCHMARKS.md).
+    **{f"airnet-11-seed{seed}": {"train.epochs": 11, "train.low_res.epochs": 2, "train.averaging_start": 3.0,
+                                 "train.airnet.whiten_bias_epochs": 3.0, "train.seed": seed} for seed in (0, 1)},
+    # Narrower blocks 2-3 (0.70x the multiply-adds per image): more epochs in the same 5 minutes.
+    **{f"fast-w192-8{suffix}": {**FAST, "data.val_fraction": 0.0, "train.airnet.widths": [64, 192, 192],
+                                "train.epochs": 8, "train.averaging_start": 2.4,
+                                "train.airnet.whiten_bias_epochs": 2.4, "train.seed": seed}
+       for suffix, seed in (("", 0), ("-seed1", 1), ("-seed2", 2))},
+    "airnet-all-t4": {"data.val_fraction": 0.0, "train.augment.translate": 4},
     # First round.
     "sgd": SGD,
     "sgd-fast": SGD_FAST,
@@ -94,6 +112,7 @@ def main() -> None:
         evaluate_seconds = run_stage(root, "evaluate", overrides, quiet=True)
         metrics = read_metrics(root)
         shutil.copy(root / "metrics" / "history.csv", root / f"history-{name}.csv")  # per-epoch curve, kept
+        shutil.copy(root / "models" / "model.pth", root / f"model-{name}.pth")
         rows.append((name, metrics["test"]["acc"], train_seconds, evaluate_seconds,
                      metrics["train_time"]["seconds"], normalize_seconds))
         print(f"{name:<12s} test acc {metrics['test']['acc']:.4f}  train {train_seconds:7.1f} s "
