@@ -18,7 +18,8 @@ from typing import Any, Callable, Iterator
 
 import torch
 
-CHECKPOINT_FORMAT = "cifar-pipeline/checkpoint/1"
+CHECKPOINT_FORMAT = "cifar-pipeline/checkpoint/2"  # 2: "state_dicts", one per ensemble member
+CHECKPOINT_FORMAT_1 = "cifar-pipeline/checkpoint/1"  # one "state_dict"; still loaded
 _UMASK = os.umask(0)
 os.umask(_UMASK)
 
@@ -173,14 +174,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     checkpoint = load_torch(path, "model checkpoint")
     if not isinstance(checkpoint, dict) or "format" not in checkpoint:
         raise PipelineError(f"{path}: not a checkpoint of this pipeline (no 'format' field)")
+    if checkpoint["format"] == CHECKPOINT_FORMAT_1 and "state_dict" in checkpoint:
+        # format 1 (before train.ensemble) held one model: the same as a one-member ensemble
+        checkpoint = {**checkpoint, "format": CHECKPOINT_FORMAT, "state_dicts": [checkpoint.pop("state_dict")]}
     if checkpoint["format"] != CHECKPOINT_FORMAT:
         raise PipelineError(
             f"{path}: checkpoint format {checkpoint['format']!r} is not supported; expected {CHECKPOINT_FORMAT!r}"
         )
-    missing = [key for key in ("model", "model_config", "classes", "image_size", "mean", "std", "state_dict")
+    missing = [key for key in ("model", "model_config", "classes", "image_size", "mean", "std", "state_dicts")
                if key not in checkpoint]
     if missing:
         raise PipelineError(f"{path}: checkpoint lacks {', '.join(missing)}")
+    if not isinstance(checkpoint["state_dicts"], list) or not checkpoint["state_dicts"]:
+        raise PipelineError(f"{path}: checkpoint 'state_dicts' must be a non-empty list of model weights")
     return checkpoint
 
 

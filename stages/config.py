@@ -141,6 +141,7 @@ SCHEMA: dict[str, Any] = {
         "deterministic": Bool(),
         "log_every": Num(integer=True, ge=1),
         "seed": Num(integer=True, ge=0),
+        "ensemble": Num(integer=True, ge=1),
         "nproc": Num(integer=True, ge=1),
     },
     "evaluate": {"batch_size": Num(integer=True, ge=1), "tta": Choice((1, 2, 6))},

@@ -44,6 +44,18 @@ class ImageClassifier(nn.Module):
         return self.net(self.normalize(images))
 
 
+class Ensemble(nn.Module):
+    """Models of one architecture trained on other seeds (train.ensemble); predicts the mean of their logits.
+    Once more epochs stop paying (the long airnet runs overfit), a second model adds more than a longer run."""
+
+    def __init__(self, members: list[ImageClassifier]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.stack([member(images).float() for member in self.members]).mean(0)
+
+
 # ---------------------------------------------------------------- mlp and cnn
 
 
@@ -235,16 +247,20 @@ def load_pretrained(model: ImageClassifier, path: str) -> dict[str, str]:
     return {"path": str(path), "sha256": file_digest(weights)}
 
 
-def model_from_checkpoint(checkpoint: dict[str, Any]) -> ImageClassifier:
-    """Rebuild the trained model from a checkpoint loaded with stages.common.load_checkpoint, in eval mode."""
-    model = build_model(checkpoint["model"], checkpoint["model_config"], len(checkpoint["classes"]),
-                        checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise PipelineError(f"checkpoint weights do not fit model {checkpoint['model']!r}: "
-                            f"{str(error).splitlines()[0]}") from None
-    return model.eval()
+def model_from_checkpoint(checkpoint: dict[str, Any]) -> ImageClassifier | Ensemble:
+    """Rebuild the trained model from a checkpoint loaded with stages.common.load_checkpoint, in eval mode: an
+    `Ensemble` when the checkpoint holds several members."""
+    members = []
+    for state_dict in checkpoint["state_dicts"]:
+        model = build_model(checkpoint["model"], checkpoint["model_config"], len(checkpoint["classes"]),
+                            checkpoint["image_size"], checkpoint["mean"], checkpoint["std"])
+        try:
+            model.load_state_dict(state_dict)
+        except RuntimeError as error:
+            raise PipelineError(f"checkpoint weights do not fit model {checkpoint['model']!r}: "
+                                f"{str(error).splitlines()[0]}") from None
+        members.append(model)
+    return (members[0] if len(members) == 1 else Ensemble(members)).eval()
 
 
 def bias_and_norm_parameters(model: nn.Module) -> set[int]:

@@ -226,10 +226,14 @@ def save_figure(figure: Figure, path: Path) -> None:
 def plot_curves(history: pd.DataFrame, path: Path) -> None:
     figure = Figure(figsize=(10, 4))
     for axes, metric, label in zip(figure.subplots(1, 2), ("loss", "acc"), ("cross-entropy loss", "accuracy")):
-        for split, style in (("train", "-o"), ("val", "--s")):
-            values = pd.to_numeric(history[f"{split}_{metric}"], errors="coerce")
-            if values.notna().any():
-                axes.plot(history["epoch"], values, style, markersize=3, label=split)
+        # one line per ensemble member (histories before train.ensemble have no member column)
+        members = history.groupby("member", sort=True) if "member" in history else [(1, history)]
+        for member, rows in members:
+            for split, style in (("train", "-o"), ("val", "--s")):
+                values = pd.to_numeric(rows[f"{split}_{metric}"], errors="coerce")
+                if values.notna().any():
+                    label_text = split if len(members) == 1 else f"{split}, member {member}"
+                    axes.plot(rows["epoch"], values, style, markersize=3, label=label_text)
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no 1.2, 1.4 ... ticks for a 2-epoch run
         axes.set_ylabel(label)
@@ -479,11 +483,14 @@ def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | No
                       f"titles in red are wrong predictions ({wrong} of {len(chosen)}).")
 
     doc.heading(2, "Model")
-    n_params = sum(int(t.numel()) for t in checkpoint["state_dict"].values() if hasattr(t, "numel"))
+    members = checkpoint["state_dicts"]
+    n_params = sum(int(t.numel()) for t in members[0].values() if hasattr(t, "numel"))
     model_info: dict[str, Any] = {"model": model_name}
     model_info.update({f"config.{k}": v if not isinstance(v, list) else str(v)
                        for k, v in flatten(checkpoint.get("model_config") or {}).items()})
-    model_info["parameters (state_dict values)"] = n_params
+    model_info["parameters (state_dict values)"] = n_params if len(members) == 1 else f"{n_params} per member"
+    if len(members) > 1:
+        model_info["ensemble members (logits averaged)"] = len(members)
     model_info["input image size"] = checkpoint["image_size"]
     model_info["normalization mean"] = ", ".join(fmt(float(v)) for v in checkpoint["mean"])
     model_info["normalization std"] = ", ".join(fmt(float(v)) for v in checkpoint["std"])

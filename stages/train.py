@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from stages.common import (CHECKPOINT_FORMAT, PipelineError, file_digest, load_s
                            pick_device, read_json, run_stage, save_torch, seed_everything, write_json, write_text)
 from stages.config import load_params
 from stages.models import (CONV_NETS, ImageClassifier, autocast_dtype, bias_and_norm_parameters, build_model,
-                           infer, load_pretrained, model_config)
+                           infer, load_pretrained, model_config, model_from_checkpoint)
 
 PREPARED = Path("data/prepared")
 MODEL_PATH = Path("models/model.pth")
@@ -39,7 +40,7 @@ RESUME_PATH = Path("models/resume/train.pt")
 METRICS_PATH = Path("metrics/train.json")
 TIME_PATH = Path("metrics/train_time.json")
 HISTORY_PATH = Path("metrics/history.csv")
-HISTORY_COLUMNS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+HISTORY_COLUMNS = ("member", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 WHITENING_SAMPLE = 5000  # images used to estimate the airnet stem's patch covariance
 
 
@@ -276,39 +277,42 @@ def write_history(rows: list[dict[str, Any]]) -> None:
 # ---------------------------------------------------------------- main
 
 
-def train(params: dict[str, Any]) -> None:
-    cfg = params["train"]
-    device = pick_device()
-    rank, world = init_distributed(device)
-    is_main = rank == 0
-    say = log if is_main else (lambda message: None)
-    if device.type == "cuda":
-        if world > 1:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = not cfg["deterministic"]
-        if cfg["deterministic"]:
-            # Deterministic kernels where CUDA has them; the few ops without one (max-pool and bilinear
-            # upsampling backward) warn instead of failing, so those runs stay close but not bit-exact.
-            torch.use_deterministic_algorithms(True, warn_only=True)
+@dataclass
+class Run:
+    """What every member of a training run shares: params, device, processes and the data (on the device)."""
+    cfg: dict[str, Any]
+    device: torch.device
+    rank: int
+    world: int
+    meta: dict[str, Any]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    fingerprint: str
 
-    meta = read_json(PREPARED / "meta.json", "data summary")
-    train_images, train_labels = load_split(PREPARED / "train.pt")
-    val_images, val_labels = load_split(PREPARED / "val.pt")
-    classes, image_size = meta["classes"], meta["image_size"]
-    if train_images.shape[0] < 2:
-        raise PipelineError(f"{PREPARED / 'train.pt'}: the training split has {train_images.shape[0]} images")
-    if cfg["batch_size"] > train_images.shape[0]:
-        raise PipelineError(f"train.batch_size: {cfg['batch_size']} is larger than the training split "
-                            f"({train_images.shape[0]} images)")
-    if cfg["batch_size"] % world:
-        raise PipelineError(f"train.batch_size: {cfg['batch_size']} must be divisible by train.nproc={world}")
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            log(message)
 
-    seed_everything(cfg["seed"])
-    model = build_model(cfg["model"], model_config(cfg), len(classes), image_size, meta["mean"], meta["std"])
-    pretrained = load_pretrained(model, cfg["pretrained"]) if cfg["pretrained"] != "none" else None
+    def build(self) -> ImageClassifier:
+        return build_model(self.cfg["model"], model_config(self.cfg), len(self.meta["classes"]),
+                           self.meta["image_size"], self.meta["mean"], self.meta["std"])
+
+
+def train_member(run: Run, member: int, finished: list[dict[str, torch.Tensor]], history: list[dict[str, Any]],
+                 elapsed: float, resume: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], float]:
+    """Train ensemble member `member` (0-based; its seed is train.seed + member) and return its final weights and
+    the training seconds of the whole run so far. Appends its per-epoch rows to `history`; after every epoch
+    writes a resume checkpoint holding the finished members, so an interrupted run picks up where it stopped."""
+    cfg, device, rank, world = run.cfg, run.device, run.rank, run.world
+    seed = cfg["seed"] + member
+    seed_everything(seed)
+    model = run.build()
+    if cfg["pretrained"] != "none":
+        load_pretrained(model, cfg["pretrained"])
     if hasattr(model.net, "init_from_data"):
-        model.net.init_from_data(model.normalize(train_images[:WHITENING_SAMPLE]))
+        model.net.init_from_data(model.normalize(run.train_images[:WHITENING_SAMPLE].cpu()))
     channels_last = cfg["channels_last"] and cfg["model"] in CONV_NETS
     model.to(device)
     if channels_last:
@@ -317,9 +321,10 @@ def train(params: dict[str, Any]) -> None:
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     optimizers = make_optimizers(model, cfg, device)
 
+    train_images, train_labels = run.train_images, run.train_labels
     n_train = train_images.shape[0]
-    cutout_fill = torch.tensor(meta["mean"]).mul(255).round().to(train_images.dtype)  # zero once normalized
-    orientations = alternating_flips(n_train, cfg["seed"]) if cfg["augment"]["flip"] == "alternate" else None
+    cutout_fill = torch.tensor(run.meta["mean"]).mul(255).round().to(train_images.dtype)  # zero once normalized
+    orientations = alternating_flips(n_train, seed) if cfg["augment"]["flip"] == "alternate" else None
     batch = cfg["batch_size"]
     full, remainder = divmod(n_train, batch)
     # The last, smaller batch is kept only when every process gets the same number (>= 2, for BatchNorm) of
@@ -330,46 +335,40 @@ def train(params: dict[str, Any]) -> None:
     warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
     low_res_size = cfg["low_res"]["size"]
     low_res_steps = round(cfg["low_res"]["epochs"] * steps_per_epoch) if low_res_size else 0
-    if low_res_steps and low_res_size >= image_size:  # the model check is in stages/config.py
+    if low_res_steps and low_res_size >= run.meta["image_size"]:  # the model check is in stages/config.py
         raise PipelineError(f"train.low_res.size: {low_res_size} must be smaller than the images "
-                            f"({image_size} px) to save time")
+                            f"({run.meta['image_size']} px) to save time")
     averaging = None
     if cfg["averaging"] != "none":
         averaging = WeightAverage(model, cfg["averaging"], cfg["averaging_decay"],
                                   round(cfg["averaging_start"] * steps_per_epoch), total_steps)
 
-    run_id = fingerprint(params, world)
-    history: list[dict[str, Any]] = []
-    start_epoch, elapsed = 0, 0.0
-    if RESUME_PATH.is_file():
-        state = load_torch(RESUME_PATH, "resume checkpoint")
-        if isinstance(state, dict) and state.get("fingerprint") == run_id:
-            model.load_state_dict(state["model"])
-            for optimizer, optimizer_state in zip(optimizers, state["optimizers"]):
-                optimizer.load_state_dict(optimizer_state)
-            if averaging is not None:
-                averaging.state = {k: v.to(device) for k, v in state["average"].items()}
-            history, start_epoch, elapsed = state["history"], state["epoch"], state["elapsed"]
-            say(f"resuming after epoch {start_epoch} from {RESUME_PATH}")
-        else:
-            say(f"ignoring {RESUME_PATH}: it belongs to other params or data")
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        for optimizer, optimizer_state in zip(optimizers, resume["optimizers"]):
+            optimizer.load_state_dict(optimizer_state)
+        if averaging is not None:
+            averaging.state = {k: v.to(device) for k, v in resume["average"].items()}
+        start_epoch = resume["epoch"]
 
-    train_images, train_labels = train_images.to(device), train_labels.to(device)
     # airnet freezes its stem bias after a few epochs; DDP must then expect a parameter without a gradient.
     net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=hasattr(model.net, "on_epoch_start"))
            if world > 1 else model)
     loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
-    say(f"training {cfg['model']} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}, "
-        f"{n_train} images, {n_epochs} epochs of {steps_per_epoch} steps, batch {batch}, "
-        f"precision {dtype or torch.float32}".replace("torch.", "")
-        + (f", {world} processes" if world > 1 else ""))
+    ensemble = cfg["ensemble"]
+    run.say(f"training {cfg['model']} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}, "
+            f"{n_train} images, {n_epochs} epochs of {steps_per_epoch} steps, batch {batch}, "
+            f"precision {dtype or torch.float32}".replace("torch.", "")
+            + (f", {world} processes" if world > 1 else "")
+            + (f"; ensemble member {member + 1} of {ensemble} (seed {seed})" if ensemble > 1 else ""))
 
     for epoch in range(start_epoch, n_epochs):
         epoch_start = time.perf_counter()
         net.train()
         if hasattr(model.net, "on_epoch_start"):
             model.net.on_epoch_start(epoch)
-        generator = torch.Generator().manual_seed(cfg["seed"] * 1_000_003 + epoch)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         order = torch.randperm(n_train, generator=generator)
         loss_sum = correct = seen = 0.0
         next_log = cfg["log_every"]
@@ -413,8 +412,8 @@ def train(params: dict[str, Any]) -> None:
             loss_sum += loss.item() * labels.shape[0]
             correct += (logits.argmax(1) == labels).sum().item()
             seen += labels.shape[0]
-            if seen * world >= next_log and is_main:
-                say(f"[epoch {epoch + 1}, {int(seen * world):>6d} images] loss: {loss_sum / seen:.3f}")
+            if seen * world >= next_log:
+                run.say(f"[epoch {epoch + 1}, {int(seen * world):>6d} images] loss: {loss_sum / seen:.3f}")
                 next_log += cfg["log_every"]
         if averaging is not None:
             averaging.end_of_epoch(model, step + 1)
@@ -423,46 +422,105 @@ def train(params: dict[str, Any]) -> None:
 
         eval_model = model
         if averaging is not None and averaging.mode == "ema":
-            eval_model = build_model(cfg["model"], model_config(cfg), len(classes), image_size, meta["mean"],
-                                     meta["std"]).to(device)
+            eval_model = run.build().to(device)
             eval_model.load_state_dict(averaging.state)
         val_loss = val_acc = None
-        if val_images.shape[0] and is_main:
-            val_loss, val_acc = evaluate_split(eval_model, val_images, val_labels, max(batch, 256), device,
+        if run.val_images.shape[0] and rank == 0:
+            val_loss, val_acc = evaluate_split(eval_model, run.val_images, run.val_labels, max(batch, 256), device,
                                                dtype, channels_last)
         elapsed += time.perf_counter() - epoch_start
-        history.append({"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_acc": correct / seen,
-                        "val_loss": val_loss, "val_acc": val_acc, "lr": base_lr})
+        history.append({"member": member + 1, "epoch": epoch + 1, "train_loss": loss_sum / seen,
+                        "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc, "lr": base_lr})
         val_text = f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_loss is not None else ""
-        say(f"epoch {epoch + 1:>3d}/{n_epochs}  train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}"
-            f"{val_text}  lr {base_lr:.3g}  {train_seconds:.1f}s  {seen / train_seconds:,.0f} img/s")
-        if is_main:
-            save_torch({"fingerprint": run_id, "epoch": epoch + 1, "elapsed": elapsed, "history": history,
-                        "model": plain_state_dict(model), "optimizers": [o.state_dict() for o in optimizers],
+        run.say(f"epoch {epoch + 1:>3d}/{n_epochs}  train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}"
+                f"{val_text}  lr {base_lr:.3g}  {train_seconds:.1f}s  {seen / train_seconds:,.0f} img/s")
+        if rank == 0:
+            save_torch({"fingerprint": run.fingerprint, "member": member, "members": finished, "epoch": epoch + 1,
+                        "elapsed": elapsed, "history": history, "model": plain_state_dict(model),
+                        "optimizers": [o.state_dict() for o in optimizers],
                         "average": averaging.state if averaging is not None else None}, RESUME_PATH)
 
-    if is_main:
-        use_average = averaging is not None and averaging.mode == "ema"
-        final_state = ({k: v.detach().cpu().clone() for k, v in averaging.state.items()} if use_average
-                       else plain_state_dict(model))
+    if averaging is not None and averaging.mode == "ema":
+        return {k: v.detach().cpu().clone() for k, v in averaging.state.items()}, elapsed
+    return plain_state_dict(model), elapsed
+
+
+def train(params: dict[str, Any]) -> None:
+    cfg = params["train"]
+    device = pick_device()
+    rank, world = init_distributed(device)
+    if device.type == "cuda":
+        if world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        torch.backends.cudnn.benchmark = not cfg["deterministic"]
+        if cfg["deterministic"]:
+            # Deterministic kernels where CUDA has them; the few ops without one (max-pool and bilinear
+            # upsampling backward) warn instead of failing, so those runs stay close but not bit-exact.
+            torch.use_deterministic_algorithms(True, warn_only=True)
+
+    meta = read_json(PREPARED / "meta.json", "data summary")
+    train_images, train_labels = load_split(PREPARED / "train.pt")
+    val_images, val_labels = load_split(PREPARED / "val.pt")
+    if train_images.shape[0] < 2:
+        raise PipelineError(f"{PREPARED / 'train.pt'}: the training split has {train_images.shape[0]} images")
+    if cfg["batch_size"] > train_images.shape[0]:
+        raise PipelineError(f"train.batch_size: {cfg['batch_size']} is larger than the training split "
+                            f"({train_images.shape[0]} images)")
+    if cfg["batch_size"] % world:
+        raise PipelineError(f"train.batch_size: {cfg['batch_size']} must be divisible by train.nproc={world}")
+    run = Run(cfg, device, rank, world, meta, train_images.to(device), train_labels.to(device), val_images,
+              val_labels, fingerprint="")
+    # (checks the weights file before the fingerprint reads it, and records its path and SHA-256)
+    pretrained = load_pretrained(run.build(), cfg["pretrained"]) if cfg["pretrained"] != "none" else None
+    run.fingerprint = fingerprint(params, world)
+    resume = None
+    if RESUME_PATH.is_file():
+        state = load_torch(RESUME_PATH, "resume checkpoint")
+        if isinstance(state, dict) and state.get("fingerprint") == run.fingerprint:
+            resume = state
+            run.say(f"resuming after epoch {state['epoch']}"
+                    + (f" of member {state['member'] + 1}" if cfg["ensemble"] > 1 else "") + f" from {RESUME_PATH}")
+        else:
+            run.say(f"ignoring {RESUME_PATH}: it belongs to other params or data")
+    members: list[dict[str, torch.Tensor]] = list(resume["members"]) if resume else []
+    history: list[dict[str, Any]] = list(resume["history"]) if resume else []
+    elapsed = resume["elapsed"] if resume else 0.0
+    for member in range(len(members), cfg["ensemble"]):
+        state, elapsed = train_member(run, member, members, history, elapsed,
+                                      resume if resume is not None and resume["member"] == member else None)
+        members.append(state)
+
+    if rank == 0:
         checkpoint = {
             "format": CHECKPOINT_FORMAT, "model": cfg["model"], "model_config": model_config(cfg),
-            "classes": classes, "image_size": image_size, "mean": meta["mean"], "std": meta["std"],
-            "state_dict": final_state, "train": cfg, "pretrained": pretrained, "epochs_completed": n_epochs,
+            "classes": meta["classes"], "image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"],
+            "state_dicts": members, "train": cfg, "pretrained": pretrained,
+            "epochs_completed": max(row["epoch"] for row in history),
             "torch_version": torch.__version__.split("+")[0],
         }
         save_torch(checkpoint, MODEL_PATH)
         last = history[-1]
         metrics: dict[str, Any] = {"train": {"loss": round(last["train_loss"], 6), "acc": round(last["train_acc"], 6)}}
-        if last["val_loss"] is not None:
-            metrics["val"] = {"loss": round(last["val_loss"], 6), "acc": round(last["val_acc"], 6)}
-        metrics["epochs"] = n_epochs
+        if val_images.shape[0]:
+            if len(members) > 1:  # the ensemble's own score, as evaluate will see it (without TTA)
+                ensemble = model_from_checkpoint(checkpoint)
+                if cfg["channels_last"] and cfg["model"] in CONV_NETS:
+                    ensemble.to(memory_format=torch.channels_last)
+                val_loss, val_acc = evaluate_split(ensemble, val_images, val_labels, max(cfg["batch_size"], 256),
+                                                   device, autocast_dtype(cfg["precision"], device),
+                                                   cfg["channels_last"] and cfg["model"] in CONV_NETS)
+            else:
+                val_loss, val_acc = last["val_loss"], last["val_acc"]
+            metrics["val"] = {"loss": round(val_loss, 6), "acc": round(val_acc, 6)}
+        metrics["epochs"] = checkpoint["epochs_completed"]
         write_json(METRICS_PATH, metrics)
         write_history(history)
+        n_images = train_images.shape[0] * cfg["epochs"] * cfg["ensemble"]
         write_json(TIME_PATH, {"train_time": {"seconds": round(elapsed, 2),
-                                              "images_per_second": round(n_train * cfg["epochs"] / elapsed, 1)}})
+                                              "images_per_second": round(n_images / elapsed, 1)}})
         shutil.rmtree(RESUME_PATH.parent, ignore_errors=True)
-        say(f"saved {MODEL_PATH} ({elapsed:.1f}s of training)")
+        run.say(f"saved {MODEL_PATH} ({elapsed:.1f}s of training)")
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

@@ -49,6 +49,7 @@ def test_repo_params_are_valid() -> None:
     ("train.mlp.hidden", [1024, -5], "train.mlp.hidden: expected a list of at least 0 integers >= 1"),
     ("train.pretrained", "weights.pth", "train.pretrained: pretrained weights need train.model: resnet18"),
     ("train.lr", float("nan"), "train.lr: expected a finite number"),
+    ("train.ensemble", 0, "train.ensemble: expected a value >= 1, got 0"),
 ])
 def test_bad_values_are_named(dotted: str, value: object, message: str) -> None:
     with pytest.raises(ParamsError) as error:

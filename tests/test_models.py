@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.common import CHECKPOINT_FORMAT, PipelineError, load_checkpoint, save_torch
-from stages.models import (AirNet, build_model, infer, load_pretrained, model_config, model_from_checkpoint)
+from stages.common import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_1, PipelineError, load_checkpoint, save_torch
+from stages.models import (AirNet, Ensemble, build_model, infer, load_pretrained, model_config,
+                           model_from_checkpoint)
 
 CONFIGS = {
     "mlp": {"hidden": [64, 32]},
@@ -60,7 +61,7 @@ def make_checkpoint(name: str, path: Path, classes: int = 3) -> torch.nn.Module:
     model = build_model(name, CONFIGS[name], classes, 32, [0.4] * 3, [0.2] * 3)
     save_torch({"format": CHECKPOINT_FORMAT, "model": name, "model_config": CONFIGS[name],
                 "classes": [f"c{i}" for i in range(classes)], "image_size": 32, "mean": [0.4] * 3,
-                "std": [0.2] * 3, "state_dict": model.state_dict(), "train": {}, "pretrained": None}, path)
+                "std": [0.2] * 3, "state_dicts": [model.state_dict()], "train": {}, "pretrained": None}, path)
     return model.eval()
 
 
@@ -70,6 +71,41 @@ def test_checkpoint_rebuilds_the_same_model(tmp_path: Path, name: str) -> None:
     rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "model.pth"))
     x = random_images(4, 32)
     assert torch.equal(infer(original, x, 2), infer(rebuilt, x, 2))
+
+
+def test_an_ensemble_checkpoint_averages_the_logits_of_its_members(tmp_path: Path) -> None:
+    members = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        members.append(build_model("airnet", CONFIGS["airnet"], 3, 32, [0.4] * 3, [0.2] * 3).eval())
+    save_torch({"format": CHECKPOINT_FORMAT, "model": "airnet", "model_config": CONFIGS["airnet"],
+                "classes": ["a", "b", "c"], "image_size": 32, "mean": [0.4] * 3, "std": [0.2] * 3,
+                "state_dicts": [m.state_dict() for m in members], "train": {}, "pretrained": None},
+               tmp_path / "model.pth")
+    ensemble = model_from_checkpoint(load_checkpoint(tmp_path / "model.pth"))
+    assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2
+    x = random_images(4, 32)
+    first, second = infer(members[0], x, 4, tta=2), infer(members[1], x, 4, tta=2)
+    assert not torch.allclose(first, second)
+    assert torch.allclose(infer(ensemble, x, 4, tta=2), (first + second) / 2, atol=1e-5)
+
+
+def test_a_format_1_checkpoint_still_loads_as_one_model(tmp_path: Path) -> None:
+    model = build_model("mlp", CONFIGS["mlp"], 3, 32, [0.4] * 3, [0.2] * 3).eval()
+    save_torch({"format": CHECKPOINT_FORMAT_1, "model": "mlp", "model_config": CONFIGS["mlp"],
+                "classes": ["a", "b", "c"], "image_size": 32, "mean": [0.4] * 3, "std": [0.2] * 3,
+                "state_dict": model.state_dict(), "train": {}, "pretrained": None}, tmp_path / "old.pth")
+    checkpoint = load_checkpoint(tmp_path / "old.pth")
+    assert checkpoint["format"] == CHECKPOINT_FORMAT and len(checkpoint["state_dicts"]) == 1
+    x = random_images(4, 32)
+    assert torch.equal(infer(model_from_checkpoint(checkpoint), x, 4), infer(model, x, 4))
+
+
+def test_an_empty_ensemble_is_refused(tmp_path: Path) -> None:
+    save_torch({"format": CHECKPOINT_FORMAT, "model": "mlp", "model_config": CONFIGS["mlp"], "classes": ["a"],
+                "image_size": 32, "mean": [0.4] * 3, "std": [0.2] * 3, "state_dicts": []}, tmp_path / "m.pth")
+    with pytest.raises(PipelineError, match="'state_dicts' must be a non-empty list"):
+        load_checkpoint(tmp_path / "m.pth")
 
 
 class RunsCode:

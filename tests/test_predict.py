@@ -38,7 +38,7 @@ def make_checkpoint(path: Path, repo_root: Path, precision: str = "fp32") -> Non
                 module.running_var.uniform_(0.5, 2.0)
     save_torch({"format": CHECKPOINT_FORMAT, "model": "cnn", "model_config": model_config(train),
                 "classes": CLASSES, "image_size": SIZE, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26],
-                "state_dict": model.state_dict(), "train": train, "pretrained": None, "epochs_completed": 0,
+                "state_dicts": [model.state_dict()], "train": train, "pretrained": None, "epochs_completed": 0,
                 "torch_version": torch.__version__.split("+")[0]}, path)
 
 

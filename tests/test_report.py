@@ -44,7 +44,7 @@ def write_workspace(root: Path, repo_root: Path, *, samples: int = 6, baseline: 
     checkpoint = {
         "format": CHECKPOINT_FORMAT, "model": "cnn", "model_config": {"channels": [4, 8, 8]},
         "classes": CLASSES, "image_size": 8, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25],
-        "state_dict": {"conv.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(3)},
+        "state_dicts": [{"conv.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(3)}],
         "train": train_params,
         "pretrained": {"path": "weights/resnet18.pth", "sha256": "cd" * 32} if pretrained else None,
         "epochs_completed": 2, "torch_version": str(torch.__version__),  # str: weights_only refuses TorchVersion

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -104,9 +105,18 @@ def stage(root: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def test_sigkill_mid_training_resumes_to_identical_bytes(workdir: Path) -> None:
+def resume_member(path: Path) -> int:
+    try:
+        return torch.load(path, weights_only=True)["member"]
+    except (FileNotFoundError, RuntimeError, EOFError):  # not there yet
+        return -1
+
+
+@pytest.mark.parametrize("ensemble", [1, 2])
+def test_sigkill_mid_training_resumes_to_identical_bytes(workdir: Path, ensemble: int) -> None:
     tiny_params(workdir, **{"train.model": "airnet", "train.airnet.widths": [8, 16, 16], "train.epochs": 4,
-                            "train.averaging": "lookahead", "train.averaging_start": 1.0})
+                            "train.averaging": "lookahead", "train.averaging_start": 1.0,
+                            "train.ensemble": ensemble})
     assert stage(workdir).wait(timeout=300) == 0
     reference = md5(workdir / "models" / "model.pth")
     (workdir / "models" / "model.pth").unlink()
@@ -114,7 +124,7 @@ def test_sigkill_mid_training_resumes_to_identical_bytes(workdir: Path) -> None:
     process = stage(workdir)
     resume = workdir / "models" / "resume" / "train.pt"
     deadline = time.time() + 120
-    while not resume.exists() and time.time() < deadline:
+    while resume_member(resume) < ensemble - 1 and time.time() < deadline:  # kill in the last member
         time.sleep(0.02)
     assert resume.exists(), "no resume checkpoint appeared"
     process.send_signal(signal.SIGKILL)
@@ -157,6 +167,23 @@ def test_two_processes_match_one_process(workdir: Path) -> None:
         assert abs(float(a["val_acc"]) - float(b["val_acc"])) <= 0.05
 
 
+def test_an_ensemble_trains_one_member_per_seed(workdir: Path) -> None:
+    airnet = {"train.model": "airnet", "train.airnet.widths": [8, 16, 16], "train.epochs": 2, "train.seed": 3}
+    tiny_params(workdir, **airnet, **{"train.ensemble": 2})
+    train(load_params())
+    ensemble = load_checkpoint(workdir / "models" / "model.pth")
+    rows = history(workdir)
+    assert [(r["member"], r["epoch"]) for r in rows] == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    assert json.loads((workdir / "metrics" / "train.json").read_text())["epochs"] == 2
+    # member 2 is exactly the single model of seed 4: members differ only by their seed
+    tiny_params(workdir, **{**airnet, "train.seed": 4})
+    train(load_params())
+    single = load_checkpoint(workdir / "models" / "model.pth")["state_dicts"]
+    assert len(ensemble["state_dicts"]) == 2 and len(single) == 1
+    assert all(torch.equal(single[0][k], ensemble["state_dicts"][1][k]) for k in single[0])
+    assert not torch.equal(ensemble["state_dicts"][0]["net.head.weight"], single[0]["net.head.weight"])
+
+
 def test_fine_tuning_from_pretrained_weights_with_frozen_backbone(workdir: Path) -> None:
     from torchvision.models import resnet18
     torch.manual_seed(42)
@@ -168,7 +195,7 @@ def test_fine_tuning_from_pretrained_weights_with_frozen_backbone(workdir: Path)
                             "train.lr": 0.05})
     train(load_params())
     checkpoint = load_checkpoint(workdir / "models" / "model.pth")
-    state = checkpoint["state_dict"]
+    state = checkpoint["state_dicts"][0]
     for name in ("conv1.weight", "layer4.1.conv2.weight", "layer1.0.bn1.running_mean", "bn1.bias"):
         assert torch.equal(state[f"net.resnet.{name}"], weights[name]), f"{name} changed although frozen"
     assert state["net.resnet.fc.weight"].shape == (4, 512)
