@@ -147,7 +147,8 @@ def test_documented_experiment_commands_use_valid_params() -> None:
     assert any("train.model=mlp" in c for c, _ in commands), "the seed tutorial's command is not in the README"
     defaults = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
     for command, pairs in commands:
-        choices = [[(key, value) for value in values.split(",")] for key, values in pairs]
+        # a comma separates sweep values (`-S train.lr=0.1,0.2`), except inside a list (`widths=[48,192,192]`)
+        choices = [[(key, value) for value in re.split(r",(?![^\[]*\])", values)] for key, values in pairs]
         for combination in itertools.product(*choices):
             params = copy.deepcopy(defaults)
             for key, value in combination:
