@@ -176,7 +176,8 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise PipelineError(f"{path}: not a checkpoint of this pipeline (no 'format' field)")
     if checkpoint["format"] == CHECKPOINT_FORMAT_1 and "state_dict" in checkpoint:
         # format 1 (before train.ensemble) held one model: the same as a one-member ensemble
-        checkpoint = {**checkpoint, "format": CHECKPOINT_FORMAT, "state_dicts": [checkpoint.pop("state_dict")]}
+        state_dict = checkpoint.pop("state_dict")
+        checkpoint = {**checkpoint, "format": CHECKPOINT_FORMAT, "state_dicts": [state_dict]}
     if checkpoint["format"] != CHECKPOINT_FORMAT:
         raise PipelineError(
             f"{path}: checkpoint format {checkpoint['format']!r} is not supported; expected {CHECKPOINT_FORMAT!r}"

@@ -425,10 +425,14 @@ def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | No
 
     doc.heading(2, "Metrics")
     headline: dict[str, Any] = {"test accuracy": test.get("acc"), "test loss": test.get("loss")}
+    members = len(checkpoint["state_dicts"])
+    # an ensemble's val metrics score the whole ensemble; its train metrics are the last member's last epoch
+    when = {"train": "last epoch" if members == 1 else "last member, last epoch",
+            "val": "last epoch" if members == 1 else f"ensemble of {members}"}
     for split in ("train", "val"):
         if split in inputs.train_metrics:
-            headline[f"{split} accuracy (last epoch)"] = inputs.train_metrics[split].get("acc")
-            headline[f"{split} loss (last epoch)"] = inputs.train_metrics[split].get("loss")
+            headline[f"{split} accuracy ({when[split]})"] = inputs.train_metrics[split].get("acc")
+            headline[f"{split} loss ({when[split]})"] = inputs.train_metrics[split].get("loss")
     headline["epochs"] = inputs.train_metrics.get("epochs")
     headline["test images"] = len(inputs.predictions)
     doc.table(key_value_table(headline, "metric", "value"))
@@ -483,14 +487,13 @@ def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | No
                       f"titles in red are wrong predictions ({wrong} of {len(chosen)}).")
 
     doc.heading(2, "Model")
-    members = checkpoint["state_dicts"]
-    n_params = sum(int(t.numel()) for t in members[0].values() if hasattr(t, "numel"))
+    n_params = sum(int(t.numel()) for t in checkpoint["state_dicts"][0].values() if hasattr(t, "numel"))
     model_info: dict[str, Any] = {"model": model_name}
     model_info.update({f"config.{k}": v if not isinstance(v, list) else str(v)
                        for k, v in flatten(checkpoint.get("model_config") or {}).items()})
-    model_info["parameters (state_dict values)"] = n_params if len(members) == 1 else f"{n_params} per member"
-    if len(members) > 1:
-        model_info["ensemble members (logits averaged)"] = len(members)
+    model_info["parameters (state_dict values)"] = n_params if members == 1 else f"{n_params} per member"
+    if members > 1:
+        model_info["ensemble members (logits averaged)"] = members
     model_info["input image size"] = checkpoint["image_size"]
     model_info["normalization mean"] = ", ".join(fmt(float(v)) for v in checkpoint["mean"])
     model_info["normalization std"] = ", ".join(fmt(float(v)) for v in checkpoint["std"])

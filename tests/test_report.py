@@ -190,6 +190,20 @@ def test_without_validation_split_or_pretrained_or_baseline(tmp_path: Path, repo
         image.verify()
 
 
+def test_an_ensemble_is_reported_as_one(workspace: Path) -> None:
+    checkpoint = torch.load(workspace / "models/model.pth", weights_only=True)
+    checkpoint["state_dicts"] *= 2
+    save_torch(checkpoint, workspace / "models/model.pth")
+    (workspace / "metrics/history.csv").write_text(
+        "member,epoch,train_loss,train_acc,val_loss,val_acc,lr\n1,1,1.6,0.3,1.5,0.3,0.1\n1,2,1.2,0.45,1.3,0.4,0.0\n"
+        "2,1,1.7,0.3,1.5,0.3,0.1\n2,2,1.3,0.4,1.4,0.35,0.0\n")
+    report.main()
+    text = read_report(workspace)
+    assert "| val accuracy (ensemble of 2) | 0.4000 |" in text
+    assert "| train accuracy (last member, last epoch) | 0.4500 |" in text
+    assert "| ensemble members (logits averaged) | 2 |" in text and "per member" in text
+
+
 def test_failure_keeps_previous_report(workspace: Path) -> None:
     report.main()
     before = read_report(workspace)
