@@ -52,7 +52,7 @@ PRESETS: dict[str, dict[str, object]] = {
              "train.schedule": "constant", "train.precision": "fp32", "train.channels_last": False,
              "train.log_every": 50000, "normalize.stats": "fixed"},
     **on_seeds("airnet", {}),  # the defaults in params.yaml
-    **on_seeds("airnet-fast", FAST),
+    **on_seeds("airnet-fast", FAST, (1, 2, 3, 4)),
     # Third round.
     **on_seeds("fast58", FAST58),
     "fast58-all": {**FAST58, "data.val_fraction": 0.0},
