@@ -46,7 +46,7 @@ class ImageClassifier(nn.Module):
 
 class Ensemble(nn.Module):
     """Models of one architecture trained on other seeds (train.ensemble); predicts the mean of their logits.
-    Once more epochs stop paying (the long airnet runs overfit), a second model adds more than a longer run."""
+    (On the 2-core CPU, two half-length airnets scored below one full-length one: see BENCHMARKS.md.)"""
 
     def __init__(self, members: list[ImageClassifier]) -> None:
         super().__init__()
@@ -234,13 +234,19 @@ def build_model(name: str, config: dict[str, Any], num_classes: int, image_size:
     return ImageClassifier(BUILDERS[name](num_classes, image_size, config), mean, std)
 
 
-def load_pretrained(model: ImageClassifier, path: str) -> dict[str, str]:
-    """Start `model` from a local weights file; returns what the checkpoint records about it (path, SHA-256)."""
+def pretrained_weights(path: str) -> Path:
+    """The local weights file train.pretrained names, or a clear error when it is missing."""
     weights = Path(path)
     if not weights.is_file():
         raise PipelineError(
             f"train.pretrained: {weights} not found. Weights are never downloaded implicitly: save torchvision's "
             "ResNet-18 weights to a local file first (see README, 'Transfer learning')")
+    return weights
+
+
+def load_pretrained(model: ImageClassifier, path: str) -> dict[str, str]:
+    """Start `model` from a local weights file; returns what the checkpoint records about it (path, SHA-256)."""
+    weights = pretrained_weights(path)
     if not isinstance(model.net, ResNet18):
         raise PipelineError("train.pretrained: only resnet18 can start from pretrained weights")
     model.net.load_pretrained(weights)

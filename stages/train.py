@@ -32,7 +32,7 @@ from stages.common import (CHECKPOINT_FORMAT, PipelineError, file_digest, load_s
                            pick_device, read_json, run_stage, save_torch, seed_everything, write_json, write_text)
 from stages.config import load_params
 from stages.models import (CONV_NETS, ImageClassifier, autocast_dtype, bias_and_norm_parameters, build_model,
-                           infer, load_pretrained, model_config, model_from_checkpoint)
+                           infer, load_pretrained, model_config, model_from_checkpoint, pretrained_weights)
 
 PREPARED = Path("data/prepared")
 MODEL_PATH = Path("models/model.pth")
@@ -295,6 +295,10 @@ class Run:
         if self.rank == 0:
             log(message)
 
+    @property
+    def channels_last(self) -> bool:
+        return self.cfg["channels_last"] and self.cfg["model"] in CONV_NETS
+
     def build(self) -> ImageClassifier:
         return build_model(self.cfg["model"], model_config(self.cfg), len(self.meta["classes"]),
                            self.meta["image_size"], self.meta["mean"], self.meta["std"])
@@ -313,7 +317,7 @@ def train_member(run: Run, member: int, finished: list[dict[str, torch.Tensor]],
         load_pretrained(model, cfg["pretrained"])
     if hasattr(model.net, "init_from_data"):
         model.net.init_from_data(model.normalize(run.train_images[:WHITENING_SAMPLE].cpu()))
-    channels_last = cfg["channels_last"] and cfg["model"] in CONV_NETS
+    channels_last = run.channels_last
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
@@ -471,8 +475,9 @@ def train(params: dict[str, Any]) -> None:
         raise PipelineError(f"train.batch_size: {cfg['batch_size']} must be divisible by train.nproc={world}")
     run = Run(cfg, device, rank, world, meta, train_images.to(device), train_labels.to(device), val_images,
               val_labels, fingerprint="")
-    # (checks the weights file before the fingerprint reads it, and records its path and SHA-256)
-    pretrained = load_pretrained(run.build(), cfg["pretrained"]) if cfg["pretrained"] != "none" else None
+    pretrained = None  # what the checkpoint records; the clear not-found error comes before the fingerprint reads it
+    if cfg["pretrained"] != "none":
+        pretrained = {"path": cfg["pretrained"], "sha256": file_digest(pretrained_weights(cfg["pretrained"]))}
     run.fingerprint = fingerprint(params, world)
     resume = None
     if RESUME_PATH.is_file():
@@ -505,11 +510,10 @@ def train(params: dict[str, Any]) -> None:
         if val_images.shape[0]:
             if len(members) > 1:  # the ensemble's own score, as evaluate will see it (without TTA)
                 ensemble = model_from_checkpoint(checkpoint)
-                if cfg["channels_last"] and cfg["model"] in CONV_NETS:
+                if run.channels_last:
                     ensemble.to(memory_format=torch.channels_last)
                 val_loss, val_acc = evaluate_split(ensemble, val_images, val_labels, max(cfg["batch_size"], 256),
-                                                   device, autocast_dtype(cfg["precision"], device),
-                                                   cfg["channels_last"] and cfg["model"] in CONV_NETS)
+                                                   device, autocast_dtype(cfg["precision"], device), run.channels_last)
             else:
                 val_loss, val_acc = last["val_loss"], last["val_acc"]
             metrics["val"] = {"loss": round(val_loss, 6), "acc": round(val_acc, 6)}
