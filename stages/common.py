@@ -1,8 +1,9 @@
 """Helpers every stage needs: clear errors, atomic and deterministic writes, checksums, seeding, device choice,
-and the self-describing model checkpoint."""
+the self-describing model checkpoint, and the code each stage runs (its import closure)."""
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import glob
 import hashlib
@@ -11,6 +12,7 @@ import json
 import os
 import random
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -65,6 +67,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+@contextlib.contextmanager
+def atomic_folder(target: str | Path) -> Iterator[Path]:
+    """Yield a fresh folder beside `target`; on success it replaces `target`, on failure it is removed. Two
+    renames (the old folder is moved aside first), so readers see the previous complete folder or the new complete
+    one, never a mixture; a run killed mid-way leaves `.NAME.new-*`/`.NAME.old-*` folders that the next call
+    removes."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    for kind in ("new", "old"):
+        for stale in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes it private; an output folder should look like any other
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+    previous = trash / target.name
+    if target.exists() or target.is_symlink():
+        os.replace(target, previous)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        if previous.exists() or previous.is_symlink():  # put the previous folder back rather than leave none
+            os.replace(previous, target)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
@@ -135,6 +170,12 @@ def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
 # ---------------------------------------------------------------- runtime
 
 
+def derived_seed(seed: int, purpose: str) -> int:
+    """An independent generator seed per purpose (synthetic train/test images, val/test splits), so changing one
+    size or fraction leaves what the other purposes draw unchanged."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:8], "little") >> 1
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     torch.manual_seed(seed)  # also seeds CUDA
@@ -169,8 +210,21 @@ def cpu_supports_bf16() -> bool:
 # ---------------------------------------------------------------- checkpoint
 
 
+def make_checkpoint(*, model: str, model_config: dict[str, Any], classes: list[str], image_size: int,
+                    mean: list[float], std: list[float], state_dicts: list[dict[str, torch.Tensor]],
+                    train: dict[str, Any] | None = None, pretrained: dict[str, str] | None = None,
+                    epochs_completed: float | None = None) -> dict[str, Any]:
+    """The self-describing checkpoint that train writes and load_checkpoint reads: everything needed to rebuild
+    the model and feed it (architecture and its config, class names, input size, normalization), the weights of
+    each ensemble member, and how it was trained. Key order is fixed, so the same run saves the same bytes."""
+    return {"format": CHECKPOINT_FORMAT, "model": model, "model_config": model_config, "classes": classes,
+            "image_size": image_size, "mean": mean, "std": std, "state_dicts": state_dicts, "train": train,
+            "pretrained": pretrained, "epochs_completed": epochs_completed,
+            "torch_version": torch.__version__.split("+")[0]}
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a model checkpoint written by the train stage (see train.make_checkpoint)."""
+    """Load and check a model checkpoint written by the train stage (see make_checkpoint)."""
     checkpoint = load_torch(path, "model checkpoint")
     if not isinstance(checkpoint, dict) or "format" not in checkpoint:
         raise PipelineError(f"{path}: not a checkpoint of this pipeline (no 'format' field)")
@@ -197,3 +251,37 @@ def load_split(path: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(split, dict) or "images" not in split or "labels" not in split:
         raise PipelineError(f"{path}: not a prepared data split (expected 'images' and 'labels')")
     return split["images"], split["labels"]
+
+
+# ---------------------------------------------------------------- code
+
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+
+
+def code_closure(module: str) -> list[Path]:
+    """The files of `stages` that running `python -m <module>` executes: the module, the package's __init__, and
+    every stages module they import, transitively (read from the source with ast, nothing is imported). Paths are
+    relative to the repository root, as dvc.yaml lists them; the resume fingerprint hashes the same list."""
+    root = PACKAGE_DIR.parent
+    package = PACKAGE_DIR.name
+    seen: set[str] = set()
+    pending = [module, package]
+    while pending:
+        name = pending.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        path = root / (name.replace(".", "/") + ".py") if name != package else PACKAGE_DIR / "__init__.py"
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                pending += [alias.name for alias in node.names if alias.name.split(".")[0] == package]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                if node.module == package:  # from stages import x
+                    pending += [f"{package}.{alias.name}" for alias in node.names]
+                elif node.module.split(".")[0] == package:
+                    pending.append(node.module)
+    files = [Path(package) / "__init__.py" if name == package else Path(name.replace(".", "/") + ".py")
+             for name in seen]
+    return sorted(files, key=lambda p: (p.name != "__init__.py", str(p)))

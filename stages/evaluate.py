@@ -6,21 +6,14 @@ from __future__ import annotations
 
 import csv
 import io
-from pathlib import Path
 
-import torch
 import torch.nn.functional as F
 
-from stages.common import PipelineError, load_checkpoint, load_split, log, pick_device, run_stage, write_json, write_text
+from stages.common import (PipelineError, load_checkpoint, load_split, log, pick_device, run_stage, write_json,
+                           write_text)
 from stages.config import load_params
-from stages.models import CONV_NETS, autocast_dtype, infer, model_from_checkpoint
-
-MODEL_PATH = Path("models/model.pth")
-TEST_PATH = Path("data/prepared/test.pt")
-METRICS_PATH = Path("metrics/test.json")
-PER_CLASS_JSON = Path("metrics/per_class.json")
-PER_CLASS_CSV = Path("metrics/per_class.csv")
-PREDICTIONS_CSV = Path("metrics/predictions.csv")
+from stages.models import infer, inference_settings, model_from_checkpoint
+from stages.paths import MODEL_PATH, PER_CLASS_CSV, PER_CLASS_JSON, PREDICTIONS_CSV, TEST_METRICS, TEST_SPLIT
 
 
 def to_csv(header: list[str], rows: list[list[object]]) -> str:
@@ -34,24 +27,21 @@ def to_csv(header: list[str], rows: list[list[object]]) -> str:
 def evaluate(params: dict) -> None:
     cfg = params["evaluate"]
     checkpoint = load_checkpoint(MODEL_PATH)
-    images, labels = load_split(TEST_PATH)
+    images, labels = load_split(TEST_SPLIT)
     classes = checkpoint["classes"]
     if images.shape[0] == 0:
-        raise PipelineError(f"{TEST_PATH}: the test split is empty")
+        raise PipelineError(f"{TEST_SPLIT}: the test split is empty")
     if images.shape[-1] != checkpoint["image_size"]:
-        raise PipelineError(f"{TEST_PATH}: images are {images.shape[-1]} px but the model was trained on "
+        raise PipelineError(f"{TEST_SPLIT}: images are {images.shape[-1]} px but the model was trained on "
                             f"{checkpoint['image_size']} px; rerun the pipeline (dvc repro)")
     if int(labels.max()) >= len(classes):
-        raise PipelineError(f"{TEST_PATH}: labels go up to {int(labels.max())} but the model knows {len(classes)} classes")
+        raise PipelineError(f"{TEST_SPLIT}: labels go up to {int(labels.max())} but the model knows "
+                            f"{len(classes)} classes")
 
     device = pick_device()
     model = model_from_checkpoint(checkpoint)
-    train_cfg = checkpoint.get("train") or {}
-    channels_last = train_cfg.get("channels_last", False) and checkpoint["model"] in CONV_NETS
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    dtype = autocast_dtype(train_cfg.get("precision", "fp32"), device)
-    logits = infer(model, images, cfg["batch_size"], cfg["tta"], device, dtype, channels_last)
+    settings = inference_settings(checkpoint["model"], checkpoint.get("train") or {}, device)
+    logits = infer(model, images, batch_size=cfg["batch_size"], tta=cfg["tta"], settings=settings)
 
     loss = F.cross_entropy(logits, labels).item()
     probabilities = logits.softmax(1)
@@ -67,7 +57,7 @@ def evaluate(params: dict) -> None:
         per_class[name] = value
         per_class_rows.append([name, "" if value is None else value, count])
 
-    write_json(METRICS_PATH, {"test": {"loss": round(loss, 6), "acc": round(accuracy, 6)}})
+    write_json(TEST_METRICS, {"test": {"loss": round(loss, 6), "acc": round(accuracy, 6)}})
     write_json(PER_CLASS_JSON, {"test": {"per_class_acc": per_class}})
     write_text(PER_CLASS_CSV, to_csv(["class", "accuracy", "count"], per_class_rows))
     write_text(PREDICTIONS_CSV, to_csv(

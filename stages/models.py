@@ -13,6 +13,7 @@ followed by the network, so a checkpoint maps raw 0..255 images to logits with n
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -291,16 +292,34 @@ def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     return torch.bfloat16 if cpu_supports_bf16() else None
 
 
+@dataclass(frozen=True)
+class InferenceSettings:
+    """How a model runs: where, under which autocast dtype (None: plain fp32) and in which memory layout."""
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype | None = None
+    channels_last: bool = False
+
+
+def inference_settings(model: str, train: dict[str, Any], device: torch.device) -> InferenceSettings:
+    """The one rule for running a model the way it was trained (train, evaluate and predict all use it):
+    `train.precision` picks the autocast dtype for this device, and conv nets run channels_last when
+    `train.channels_last` is on. `train` may come from an old checkpoint that lacks keys: fp32, NCHW then."""
+    return InferenceSettings(device=device, dtype=autocast_dtype(train.get("precision", "fp32"), device),
+                             channels_last=bool(train.get("channels_last", False)) and model in CONV_NETS)
+
+
 @torch.inference_mode()
-def infer(model: nn.Module, images: torch.Tensor, batch_size: int, tta: int = 1,
-          device: torch.device = torch.device("cpu"), dtype: torch.dtype | None = None,
-          channels_last: bool = False) -> torch.Tensor:
+def infer(model: nn.Module, images: torch.Tensor, *, batch_size: int, tta: int = 1,
+          settings: InferenceSettings = InferenceSettings()) -> torch.Tensor:
     """Logits (float32, N x classes) for uint8 images N x 3 x H x W, averaged over the TTA views."""
+    device, dtype = settings.device, settings.dtype
     model.eval().to(device)
+    if settings.channels_last:
+        model.to(memory_format=torch.channels_last)
     outputs = []
     for start in range(0, images.shape[0], batch_size):
         batch = images[start:start + batch_size].to(device).float()
-        if channels_last:
+        if settings.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
         logits = None
         for view, weight in tta_views(batch, tta):

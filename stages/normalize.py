@@ -16,7 +16,6 @@ names), so the same inputs always give the same bytes.
 
 from __future__ import annotations
 
-import hashlib
 import math
 import pickle
 import time
@@ -27,19 +26,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from stages.common import PipelineError, log, read_json, run_stage, save_torch, write_json
+from stages.common import PipelineError, derived_seed, log, read_json, run_stage, save_torch, write_json
 from stages.config import load_params
 from stages.images import ImageDecodeError, decode_images, resize_square
+from stages.paths import CIFAR10_DIR, IMAGES_ZIP, META_JSON, SOURCE_JSON, TEST_SPLIT, TRAIN_SPLIT, VAL_SPLIT
 
-# The raw layout written by the download stage (stages/download.py); repeated here so that this stage does not
-# depend on the download code.
-RAW_DIR = Path("data/raw")
-CIFAR10_DIR = "cifar-10-batches-py"
-CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-IMAGES_ZIP = "images.zip"
-
-PREPARED_DIR = Path("data/prepared")
-SPLITS = ("train", "val", "test")
+CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))  # the CIFAR-10 python format's file names
+SPLIT_FILES = {"train": TRAIN_SPLIT, "val": VAL_SPLIT, "test": TEST_SPLIT}
 _RESIZE_CHUNK = 2048  # images resized per call: bounds the temporary memory
 
 
@@ -51,16 +44,16 @@ def main() -> None:
 def normalize(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     """Write data/prepared/{train,val,test}.pt and meta.json; return the meta dict."""
     started = time.perf_counter()
-    source = read_json(RAW_DIR / "source.json", "the raw data description (written by the download stage)")
+    source = read_json(SOURCE_JSON, "the raw data description (written by the download stage)")
     size = data["image_size"]
     kind = source.get("kind") if isinstance(source, dict) else None
     skipped: list[dict[str, str]] = []
     if kind in ("cifar10", "synthetic"):
-        classes, train, test = load_cifar(RAW_DIR / CIFAR10_DIR, size)
+        classes, train, test = load_cifar(CIFAR10_DIR, size)
     elif kind == "images":
-        classes, train, test, skipped = load_image_zip(RAW_DIR / IMAGES_ZIP, size, data, source)
+        classes, train, test, skipped = load_image_zip(IMAGES_ZIP, size, data, source)
     else:
-        raise PipelineError(f"{RAW_DIR}/source.json: unknown kind {kind!r} (expected cifar10, synthetic or "
+        raise PipelineError(f"{SOURCE_JSON}: unknown kind {kind!r} (expected cifar10, synthetic or "
                             f"images); rerun the download stage")
     kept, held = stratified_split(train[1], data["val_fraction"], data["seed"], "val")
     splits = {"train": (train[0][kept], train[1][kept]), "val": (train[0][held], train[1][held]), "test": test}
@@ -82,9 +75,8 @@ def normalize(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     }
     # Everything is computed before the first write, so a failure leaves the previous outputs untouched.
     for name, (images, labels) in splits.items():
-        save_torch({"images": _compact(images), "labels": _compact(labels.to(torch.int64))},
-                   PREPARED_DIR / f"{name}.pt")
-    write_json(PREPARED_DIR / "meta.json", meta)
+        save_torch({"images": _compact(images), "labels": _compact(labels.to(torch.int64))}, SPLIT_FILES[name])
+    write_json(META_JSON, meta)
     counts = meta["splits"]
     log(f"normalize: {len(classes)} classes, {counts['train']} train / {counts['val']} val / {counts['test']} test "
         f"images at {size}x{size}, {len(skipped)} skipped, in {time.perf_counter() - started:.1f} s")
@@ -182,7 +174,7 @@ def _resize_all(images: torch.Tensor, size: int) -> torch.Tensor:
 
 def load_image_zip(path: Path, size: int, data: dict[str, Any], source: dict[str, Any]) -> tuple[
         list[str], tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], list[dict[str, str]]]:
-    """Decode the canonical images.zip (members train|test|all/<class>/<path>, see stages/download.py).
+    """Decode the canonical images.zip (members train|test|all/<class>/<path>, written by stages/ingest.py).
     Returns (classes, train, test, skipped files); an `all/` layout is split by data.test_fraction here."""
     if not path.is_file():
         raise PipelineError(f"{path} is missing; rerun the download stage (dvc repro)")
@@ -223,17 +215,12 @@ def load_image_zip(path: Path, size: int, data: dict[str, Any], source: dict[str
         raise PipelineError(f"{path}: class {missing[0]!r} has no readable training image left "
                             f"({len(skipped)} unreadable files skipped)")
     if skipped:
-        log(f"normalize: skipped {len(skipped)} unreadable images (listed in {PREPARED_DIR}/meta.json), "
+        log(f"normalize: skipped {len(skipped)} unreadable images (listed in {META_JSON}), "
             f"e.g. {skipped[0]['file']}: {skipped[0]['reason']}")
     return classes, train, (images[test_idx], labels[test_idx]), skipped
 
 
 # ---------------------------------------------------------------- splits and statistics
-
-
-def derived_seed(seed: int, purpose: str) -> int:
-    """A generator seed per purpose (val, test), so the splits do not depend on each other."""
-    return int.from_bytes(hashlib.sha256(f"{seed}:{purpose}".encode()).digest()[:8], "little") >> 1
 
 
 def stratified_split(labels: torch.Tensor, fraction: float, seed: int, purpose: str,

@@ -30,7 +30,7 @@ import torch
 from stages.common import PipelineError, load_checkpoint, pick_device, run_stage, write_text
 from stages.images import (IMAGE_EXTENSIONS, decode_image, decode_workers, is_image_name, progress,
                            read_image_file)
-from stages.models import CONV_NETS, autocast_dtype, infer, model_from_checkpoint
+from stages.models import infer, inference_settings, model_from_checkpoint
 
 FORMATS = ("text", "json", "csv")
 PROGRESS_MIN_IMAGES = 256  # below this a progress bar is only noise on stderr
@@ -95,11 +95,7 @@ def predict(checkpoint: dict[str, Any], model: torch.nn.Module, files: Sequence[
     classes = [str(c) for c in checkpoint["classes"]]
     size = int(checkpoint["image_size"])
     top_k = min(top_k, len(classes))
-    train_cfg = checkpoint.get("train") or {}
-    channels_last = bool(train_cfg.get("channels_last", False)) and checkpoint["model"] in CONV_NETS
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    dtype = autocast_dtype(train_cfg.get("precision", "fp32"), device)
+    settings = inference_settings(checkpoint["model"], checkpoint.get("train") or {}, device)
 
     predictions: list[Prediction] = []
     errors: list[str] = []
@@ -113,7 +109,7 @@ def predict(checkpoint: dict[str, Any], model: torch.nn.Module, files: Sequence[
             errors.extend(result for result in decoded if isinstance(result, str))
             if good:
                 images = torch.stack([image for _, image in good])
-                logits = infer(model, images, batch_size, tta, device, dtype, channels_last)
+                logits = infer(model, images, batch_size=batch_size, tta=tta, settings=settings)
                 probabilities, indices = logits.float().softmax(1).topk(top_k, dim=1)
                 for (path, _), probs, idx in zip(good, probabilities.tolist(), indices.tolist()):
                     predictions.append(Prediction(str(path), [classes[i] for i in idx], probs))

@@ -13,11 +13,8 @@ from __future__ import annotations
 import html
 import json
 import math
-import os
 import re
-import shutil
 import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,19 +28,11 @@ import pandas as pd  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from stages.common import PipelineError, load_checkpoint, load_split, log, read_json, run_stage  # noqa: E402
+from stages.common import (PipelineError, atomic_folder, load_checkpoint, load_split, log, read_json,  # noqa: E402
+                           run_stage)
 from stages.config import MODELS, load_params  # noqa: E402
-
-REPORT_DIR = Path("reports")
-META = Path("data/prepared/meta.json")
-TEST_SPLIT = Path("data/prepared/test.pt")
-MODEL = Path("models/model.pth")
-TRAIN_METRICS = Path("metrics/train.json")
-HISTORY = Path("metrics/history.csv")
-TEST_METRICS = Path("metrics/test.json")
-PER_CLASS_JSON = Path("metrics/per_class.json")
-PER_CLASS_CSV = Path("metrics/per_class.csv")
-PREDICTIONS = Path("metrics/predictions.csv")
+from stages.paths import (HISTORY_CSV, META_JSON, MODEL_PATH, PER_CLASS_CSV, PER_CLASS_JSON,  # noqa: E402
+                          PREDICTIONS_CSV, REPORT_DIR, TEST_METRICS, TEST_SPLIT, TRAIN_METRICS)
 
 DPI = 100
 # matplotlib writes "Software: matplotlib version ..." into PNGs by default; dropping it keeps the bytes equal
@@ -191,15 +180,15 @@ def read_csv(path: Path, what: str, columns: list[str]) -> pd.DataFrame:
 
 
 def read_inputs() -> Inputs:
-    meta = read_json(META, "dataset metadata")
-    checkpoint = load_checkpoint(MODEL)
+    meta = read_json(META_JSON, "dataset metadata")
+    checkpoint = load_checkpoint(MODEL_PATH)
     classes = [str(c) for c in checkpoint["classes"]]
     train_metrics = read_json(TRAIN_METRICS, "training metrics")
     test_metrics = read_json(TEST_METRICS, "test metrics")
     read_json(PER_CLASS_JSON, "per-class metrics")  # a dependency of the stage: fail early if it is missing
-    history = read_csv(HISTORY, "training history", ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"])
+    history = read_csv(HISTORY_CSV, "training history", ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"])
     per_class = read_csv(PER_CLASS_CSV, "per-class accuracy", ["class", "accuracy", "count"])
-    predictions = read_csv(PREDICTIONS, "test predictions", ["index", "actual", "predicted", "confidence"])
+    predictions = read_csv(PREDICTIONS_CSV, "test predictions", ["index", "actual", "predicted", "confidence"])
     images, _labels = load_split(TEST_SPLIT)
 
     lookup = {name: i for i, name in enumerate(classes)}
@@ -207,11 +196,11 @@ def read_inputs() -> Inputs:
         names = predictions[column].astype(str)
         unknown = sorted(set(names) - set(lookup))
         if unknown:
-            raise PipelineError(f"{PREDICTIONS}: column {column!r} holds class names the model {MODEL} does not "
-                                f"know: {', '.join(unknown[:5])}; rerun evaluate (dvc repro)")
+            raise PipelineError(f"{PREDICTIONS_CSV}: column {column!r} holds class names the model {MODEL_PATH} "
+                                f"does not know: {', '.join(unknown[:5])}; rerun evaluate (dvc repro)")
         predictions[column] = names.map(lookup).astype("int64")
     if len(predictions) and (predictions["index"].min() < 0 or predictions["index"].max() >= len(images)):
-        raise PipelineError(f"{PREDICTIONS}: image indices run outside the {len(images)} images of {TEST_SPLIT}; "
+        raise PipelineError(f"{PREDICTIONS_CSV}: image indices run outside the {len(images)} images of {TEST_SPLIT}; "
                             "the predictions are stale, rerun evaluate (dvc repro)")
     return Inputs(meta, checkpoint, classes, train_metrics, test_metrics, history, per_class, predictions, images)
 
@@ -372,6 +361,162 @@ def confusion_matrix(predictions: pd.DataFrame, n_classes: int) -> np.ndarray:
     return matrix
 
 
+def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | None) -> None:
+    """The report's sections, in the order they appear; figures are written to out_dir beside the two pages."""
+    classes = inputs.classes
+    matrix = confusion_matrix(inputs.predictions, len(classes))
+    doc = Document()
+    summary_section(doc, inputs)
+    metrics_section(doc, inputs)
+    baseline_section(doc, inputs, baseline)
+    curves_section(doc, inputs.history, out_dir)
+    confusion_section(doc, matrix, classes, out_dir)
+    per_class_section(doc, inputs.per_class, matrix, classes, out_dir)
+    samples_section(doc, inputs, samples, out_dir)
+    model_section(doc, inputs.checkpoint, classes)
+    training_params_section(doc, inputs.checkpoint)
+    pretrained_section(doc, inputs.checkpoint.get("pretrained"))
+    data_section(doc, inputs.meta, classes)
+    model_name = str(inputs.checkpoint["model"])
+    (out_dir / "report.md").write_text(doc.markdown(), encoding="utf-8")
+    (out_dir / "report.html").write_text(doc.html(f"Training report: {model_name}"), encoding="utf-8")
+
+
+def summary_section(doc: Document, inputs: Inputs) -> None:
+    test = inputs.test_metrics.get("test", {})
+    source = inputs.meta.get("source", {})
+    doc.heading(1, "Training report")
+    doc.paragraph(f"Model **{inputs.checkpoint['model']}** trained for {fmt(inputs.train_metrics.get('epochs'))} "
+                  f"epochs on `{source.get('kind', '?')}` data ({len(inputs.classes)} classes, "
+                  f"{fmt(inputs.meta.get('image_size'))}×{fmt(inputs.meta.get('image_size'))} images): "
+                  f"test accuracy **{fmt(test.get('acc'))}**, test loss {fmt(test.get('loss'))}.")
+
+
+def metrics_section(doc: Document, inputs: Inputs) -> None:
+    test = inputs.test_metrics.get("test", {})
+    doc.heading(2, "Metrics")
+    headline: dict[str, Any] = {"test accuracy": test.get("acc"), "test loss": test.get("loss")}
+    members = len(inputs.checkpoint["state_dicts"])
+    # an ensemble's val metrics score the whole ensemble; its train metrics are the last member's last epoch
+    when = {"train": "last epoch" if members == 1 else "last member, last epoch",
+            "val": "last epoch" if members == 1 else f"ensemble of {members}"}
+    for split in ("train", "val"):
+        if split in inputs.train_metrics:
+            headline[f"{split} accuracy ({when[split]})"] = inputs.train_metrics[split].get("acc")
+            headline[f"{split} loss ({when[split]})"] = inputs.train_metrics[split].get("loss")
+    headline["epochs"] = inputs.train_metrics.get("epochs")
+    headline["test images"] = len(inputs.predictions)
+    doc.table(key_value_table(headline, "metric", "value"))
+
+
+def baseline_section(doc: Document, inputs: Inputs, baseline: str | None) -> None:
+    title = f"Comparison with baseline `{baseline}`" if baseline else "Comparison with a baseline"
+    doc.heading(2, title)
+    if not baseline:
+        doc.paragraph("No baseline comparison: `report.baseline` is not set.")
+        return
+    try:
+        commit, old = baseline_metrics(baseline)
+    except LookupError as reason:
+        doc.paragraph(f"No baseline comparison: {reason}.")
+        return
+    current = {TRAIN_METRICS.as_posix(): inputs.train_metrics, TEST_METRICS.as_posix(): inputs.test_metrics}
+    doc.paragraph(f"Baseline `{baseline}` is commit `{commit[:12]}`; delta = current − baseline.")
+    doc.table(comparison_table(old, current))
+
+
+def curves_section(doc: Document, history: pd.DataFrame, out_dir: Path) -> None:
+    doc.heading(2, "Training curves")
+    plot_curves(history, out_dir / "curves.png")
+    doc.image("curves.png", "Loss and accuracy per epoch, train and validation")
+
+
+def confusion_section(doc: Document, matrix: np.ndarray, classes: list[str], out_dir: Path) -> None:
+    doc.heading(2, "Confusion matrix (test)")
+    plot_confusion(matrix, classes, out_dir / "confusion.png")
+    doc.image("confusion.png", "Confusion matrix: true class by row, predicted class by column")
+
+
+def per_class_section(doc: Document, per_class: pd.DataFrame, matrix: np.ndarray, classes: list[str],
+                      out_dir: Path) -> None:
+    doc.heading(2, "Per-class accuracy (test)")
+    plot_per_class(per_class, out_dir / "per_class.png")
+    doc.image("per_class.png", "Per-class test accuracy")
+    doc.table(pd.DataFrame({"class": per_class["class"].astype(str),
+                            "accuracy": [fmt(float(v)) for v in per_class["accuracy"]],
+                            "test images": [fmt(v) for v in per_class["count"]],
+                            "most often predicted instead": most_confused(per_class, matrix, classes)}))
+
+
+def most_confused(per_class: pd.DataFrame, matrix: np.ndarray, classes: list[str]) -> list[str]:
+    """Per row of the per-class table: the wrong class its test images were most often given, with the count."""
+    lookup = {name: i for i, name in enumerate(classes)}
+    confused = []
+    for name in per_class["class"].astype(str):
+        row = matrix[lookup[name]].copy() if name in lookup else None
+        if row is None or row.sum() == 0:
+            confused.append("—")
+            continue
+        row[lookup[name]] = 0
+        worst = int(row.argmax())
+        confused.append(f"{classes[worst]} ({int(row[worst])})" if row[worst] else "—")
+    return confused
+
+
+def samples_section(doc: Document, inputs: Inputs, samples: int, out_dir: Path) -> None:
+    if samples <= 0 or not len(inputs.predictions):
+        return
+    chosen = choose_samples(inputs.predictions, samples)
+    doc.heading(2, "Sample test predictions")
+    plot_samples(chosen, inputs.images, inputs.classes, out_dir / "samples.png")
+    wrong = int((chosen["actual"] != chosen["predicted"]).sum())
+    doc.image("samples.png", "Sample test images with true and predicted class")
+    doc.paragraph(f"{len(chosen)} test images, taken class by class in test-split order; "
+                  f"titles in red are wrong predictions ({wrong} of {len(chosen)}).")
+
+
+def model_section(doc: Document, checkpoint: dict[str, Any], classes: list[str]) -> None:
+    doc.heading(2, "Model")
+    members = len(checkpoint["state_dicts"])
+    n_params = sum(int(t.numel()) for t in checkpoint["state_dicts"][0].values() if hasattr(t, "numel"))
+    model_info: dict[str, Any] = {"model": str(checkpoint["model"])}
+    model_info.update({f"config.{k}": v if not isinstance(v, list) else str(v)
+                       for k, v in flatten(checkpoint.get("model_config") or {}).items()})
+    model_info["parameters (state_dict values)"] = n_params if members == 1 else f"{n_params} per member"
+    if members > 1:
+        model_info["ensemble members (logits averaged)"] = members
+    model_info["input image size"] = checkpoint["image_size"]
+    model_info["normalization mean"] = ", ".join(fmt(float(v)) for v in checkpoint["mean"])
+    model_info["normalization std"] = ", ".join(fmt(float(v)) for v in checkpoint["std"])
+    model_info["classes"] = ", ".join(classes)
+    model_info["epochs completed"] = checkpoint.get("epochs_completed")
+    model_info["torch version"] = checkpoint.get("torch_version")
+    doc.table(key_value_table(model_info, "item", "value"))
+
+
+def training_params_section(doc: Document, checkpoint: dict[str, Any]) -> None:
+    doc.heading(2, "Training parameters")
+    model_name = str(checkpoint["model"])
+    train_params = dict(checkpoint.get("train") or {})
+    for other in MODELS:  # each model's own section; only the trained one's matters here
+        if other != model_name:
+            train_params.pop(other, None)
+    flat = {f"train.{k}": (str(v) if isinstance(v, list) else v) for k, v in flatten(train_params).items()}
+    if flat:
+        doc.table(key_value_table(flat))
+    else:
+        doc.paragraph("The checkpoint records no training parameters.")
+
+
+def pretrained_section(doc: Document, pretrained: dict[str, str] | None) -> None:
+    doc.heading(2, "Pretrained weights")
+    if pretrained:
+        doc.table(key_value_table({"path": pretrained.get("path"), "SHA-256": pretrained.get("sha256")},
+                                  "item", "value"))
+    else:
+        doc.paragraph("None: the model started from random initialisation.")
+
+
 def data_section(doc: Document, meta: dict[str, Any], classes: list[str]) -> None:
     source = dict(meta.get("source", {}))
     summary: dict[str, Any] = {"source kind": source.pop("kind", "—"), "source": source.pop("source", "—")}
@@ -409,155 +554,17 @@ def data_section(doc: Document, meta: dict[str, Any], classes: list[str]) -> Non
                                 "reason": [str(s.get("reason", "")) for s in shown]}))
 
 
-def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | None) -> None:
-    checkpoint, classes = inputs.checkpoint, inputs.classes
-    matrix = confusion_matrix(inputs.predictions, len(classes))
-    test = inputs.test_metrics.get("test", {})
-    model_name = str(checkpoint["model"])
-    doc = Document()
-
-    doc.heading(1, "Training report")
-    source = inputs.meta.get("source", {})
-    doc.paragraph(f"Model **{model_name}** trained for {fmt(inputs.train_metrics.get('epochs'))} epochs on "
-                  f"`{source.get('kind', '?')}` data ({len(classes)} classes, "
-                  f"{fmt(inputs.meta.get('image_size'))}×{fmt(inputs.meta.get('image_size'))} images): "
-                  f"test accuracy **{fmt(test.get('acc'))}**, test loss {fmt(test.get('loss'))}.")
-
-    doc.heading(2, "Metrics")
-    headline: dict[str, Any] = {"test accuracy": test.get("acc"), "test loss": test.get("loss")}
-    members = len(checkpoint["state_dicts"])
-    # an ensemble's val metrics score the whole ensemble; its train metrics are the last member's last epoch
-    when = {"train": "last epoch" if members == 1 else "last member, last epoch",
-            "val": "last epoch" if members == 1 else f"ensemble of {members}"}
-    for split in ("train", "val"):
-        if split in inputs.train_metrics:
-            headline[f"{split} accuracy ({when[split]})"] = inputs.train_metrics[split].get("acc")
-            headline[f"{split} loss ({when[split]})"] = inputs.train_metrics[split].get("loss")
-    headline["epochs"] = inputs.train_metrics.get("epochs")
-    headline["test images"] = len(inputs.predictions)
-    doc.table(key_value_table(headline, "metric", "value"))
-
-    title = f"Comparison with baseline `{baseline}`" if baseline else "Comparison with a baseline"
-    doc.heading(2, title)
-    if not baseline:
-        doc.paragraph("No baseline comparison: `report.baseline` is not set.")
-    else:
-        try:
-            commit, old = baseline_metrics(baseline)
-        except LookupError as reason:
-            doc.paragraph(f"No baseline comparison: {reason}.")
-        else:
-            current = {TRAIN_METRICS.as_posix(): inputs.train_metrics, TEST_METRICS.as_posix(): inputs.test_metrics}
-            doc.paragraph(f"Baseline `{baseline}` is commit `{commit[:12]}`; delta = current − baseline.")
-            doc.table(comparison_table(old, current))
-
-    doc.heading(2, "Training curves")
-    plot_curves(inputs.history, out_dir / "curves.png")
-    doc.image("curves.png", "Loss and accuracy per epoch, train and validation")
-
-    doc.heading(2, "Confusion matrix (test)")
-    plot_confusion(matrix, classes, out_dir / "confusion.png")
-    doc.image("confusion.png", "Confusion matrix: true class by row, predicted class by column")
-
-    doc.heading(2, "Per-class accuracy (test)")
-    plot_per_class(inputs.per_class, out_dir / "per_class.png")
-    doc.image("per_class.png", "Per-class test accuracy")
-    lookup = {name: i for i, name in enumerate(classes)}
-    confused = []
-    for name in inputs.per_class["class"].astype(str):
-        row = matrix[lookup[name]].copy() if name in lookup else None
-        if row is None or row.sum() == 0:
-            confused.append("—")
-            continue
-        row[lookup[name]] = 0
-        worst = int(row.argmax())
-        confused.append(f"{classes[worst]} ({int(row[worst])})" if row[worst] else "—")
-    doc.table(pd.DataFrame({"class": inputs.per_class["class"].astype(str),
-                            "accuracy": [fmt(float(v)) for v in inputs.per_class["accuracy"]],
-                            "test images": [fmt(v) for v in inputs.per_class["count"]],
-                            "most often predicted instead": confused}))
-
-    if samples > 0 and len(inputs.predictions):
-        chosen = choose_samples(inputs.predictions, samples)
-        doc.heading(2, "Sample test predictions")
-        plot_samples(chosen, inputs.images, classes, out_dir / "samples.png")
-        wrong = int((chosen["actual"] != chosen["predicted"]).sum())
-        doc.image("samples.png", "Sample test images with true and predicted class")
-        doc.paragraph(f"{len(chosen)} test images, taken class by class in test-split order; "
-                      f"titles in red are wrong predictions ({wrong} of {len(chosen)}).")
-
-    doc.heading(2, "Model")
-    n_params = sum(int(t.numel()) for t in checkpoint["state_dicts"][0].values() if hasattr(t, "numel"))
-    model_info: dict[str, Any] = {"model": model_name}
-    model_info.update({f"config.{k}": v if not isinstance(v, list) else str(v)
-                       for k, v in flatten(checkpoint.get("model_config") or {}).items()})
-    model_info["parameters (state_dict values)"] = n_params if members == 1 else f"{n_params} per member"
-    if members > 1:
-        model_info["ensemble members (logits averaged)"] = members
-    model_info["input image size"] = checkpoint["image_size"]
-    model_info["normalization mean"] = ", ".join(fmt(float(v)) for v in checkpoint["mean"])
-    model_info["normalization std"] = ", ".join(fmt(float(v)) for v in checkpoint["std"])
-    model_info["classes"] = ", ".join(classes)
-    model_info["epochs completed"] = checkpoint.get("epochs_completed")
-    model_info["torch version"] = checkpoint.get("torch_version")
-    doc.table(key_value_table(model_info, "item", "value"))
-
-    doc.heading(2, "Training parameters")
-    train_params = dict(checkpoint.get("train") or {})
-    for other in MODELS:  # each model's own section; only the trained one's matters here
-        if other != model_name:
-            train_params.pop(other, None)
-    flat = {f"train.{k}": (str(v) if isinstance(v, list) else v) for k, v in flatten(train_params).items()}
-    if flat:
-        doc.table(key_value_table(flat))
-    else:
-        doc.paragraph("The checkpoint records no training parameters.")
-
-    doc.heading(2, "Pretrained weights")
-    pretrained = checkpoint.get("pretrained")
-    if pretrained:
-        doc.table(key_value_table({"path": pretrained.get("path"), "SHA-256": pretrained.get("sha256")},
-                                  "item", "value"))
-    else:
-        doc.paragraph("None: the model started from random initialisation.")
-
-    data_section(doc, inputs.meta, classes)
-
-    (out_dir / "report.md").write_text(doc.markdown(), encoding="utf-8")
-    (out_dir / "report.html").write_text(doc.html(f"Training report: {model_name}"), encoding="utf-8")
-
-
-def replace_folder(built: Path, target: Path) -> None:
-    """Swap a finished folder in for `target`. Two renames: the old report is moved aside first, so readers
-    never see a mixture of old and new files (and a crash leaves either the old or the new folder whole)."""
-    old = None
-    if target.exists() or target.is_symlink():
-        old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old.", dir=target.parent))
-        os.replace(target, old / target.name)
-    try:
-        os.replace(built, target)
-    except OSError:
-        if old is not None:  # put the previous report back rather than leave none
-            os.replace(old / target.name, target)
-            old.rmdir()
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def report(params: dict[str, Any]) -> None:
+    """Write reports/ from the outputs of the earlier stages; every input is read before the folder is built."""
+    settings = params["report"]
+    inputs = read_inputs()
+    with atomic_folder(REPORT_DIR) as built:
+        build_report(built, inputs, int(settings["samples"]), settings["baseline"])
+    log(f"report: wrote {REPORT_DIR / 'report.md'} and {REPORT_DIR / 'report.html'}")
 
 
 def main() -> None:
-    params = load_params()["report"]
-    inputs = read_inputs()
-    REPORT_DIR.parent.mkdir(parents=True, exist_ok=True)
-    built = Path(tempfile.mkdtemp(prefix=f".{REPORT_DIR.name}.", suffix=".tmp", dir=REPORT_DIR.parent))
-    try:
-        build_report(built, inputs, int(params["samples"]), params["baseline"])
-        built.chmod(0o755)  # mkdtemp makes 0700 folders; a report is meant to be read by others
-        replace_folder(built, REPORT_DIR)
-    except BaseException:
-        shutil.rmtree(built, ignore_errors=True)
-        raise
-    log(f"report: wrote {REPORT_DIR / 'report.md'} and {REPORT_DIR / 'report.html'}")
+    report(load_params())
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def test_metrics_and_predictions(trained: Path, monkeypatch: pytest.MonkeyPatch,
     if tta == 1:  # the stored predictions are exactly the model's argmax
         checkpoint = load_checkpoint(trained / "models/model.pth")
         model = model_from_checkpoint(checkpoint)
-        predicted = infer(model, images, 50).argmax(1)
+        predicted = infer(model, images, batch_size=50).argmax(1)
         assert [checkpoint["classes"][i] for i in predicted.tolist()] == [r["predicted"] for r in rows]
 
 

@@ -10,7 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.common import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_1, PipelineError, load_checkpoint, save_torch
+from repo_root import REPO_ROOT
+from stages.common import (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_1, PipelineError, load_checkpoint, make_checkpoint,
+                           save_torch)
 from stages.models import (AirNet, Ensemble, build_model, infer, load_pretrained, model_config,
                            model_from_checkpoint)
 
@@ -57,20 +59,20 @@ def test_airnet_stem_whitens_patches() -> None:
     assert torch.allclose(covariance.diagonal()[:6], torch.ones(6), atol=0.05)  # the strong directions are unit
 
 
-def make_checkpoint(name: str, path: Path, classes: int = 3) -> torch.nn.Module:
+def save_checkpoint(name: str, path: Path, classes: int = 3) -> torch.nn.Module:
     model = build_model(name, CONFIGS[name], classes, 32, [0.4] * 3, [0.2] * 3)
-    save_torch({"format": CHECKPOINT_FORMAT, "model": name, "model_config": CONFIGS[name],
-                "classes": [f"c{i}" for i in range(classes)], "image_size": 32, "mean": [0.4] * 3,
-                "std": [0.2] * 3, "state_dicts": [model.state_dict()], "train": {}, "pretrained": None}, path)
+    save_torch(make_checkpoint(model=name, model_config=CONFIGS[name], classes=[f"c{i}" for i in range(classes)],
+                               image_size=32, mean=[0.4] * 3, std=[0.2] * 3, state_dicts=[model.state_dict()],
+                               train={}), path)
     return model.eval()
 
 
 @pytest.mark.parametrize("name", ["mlp", "airnet"])
 def test_checkpoint_rebuilds_the_same_model(tmp_path: Path, name: str) -> None:
-    original = make_checkpoint(name, tmp_path / "model.pth")
+    original = save_checkpoint(name, tmp_path / "model.pth")
     rebuilt = model_from_checkpoint(load_checkpoint(tmp_path / "model.pth"))
     x = random_images(4, 32)
-    assert torch.equal(infer(original, x, 2), infer(rebuilt, x, 2))
+    assert torch.equal(infer(original, x, batch_size=2), infer(rebuilt, x, batch_size=2))
 
 
 def test_an_ensemble_checkpoint_averages_the_logits_of_its_members(tmp_path: Path) -> None:
@@ -78,16 +80,16 @@ def test_an_ensemble_checkpoint_averages_the_logits_of_its_members(tmp_path: Pat
     for seed in (0, 1):
         torch.manual_seed(seed)
         members.append(build_model("airnet", CONFIGS["airnet"], 3, 32, [0.4] * 3, [0.2] * 3).eval())
-    save_torch({"format": CHECKPOINT_FORMAT, "model": "airnet", "model_config": CONFIGS["airnet"],
-                "classes": ["a", "b", "c"], "image_size": 32, "mean": [0.4] * 3, "std": [0.2] * 3,
-                "state_dicts": [m.state_dict() for m in members], "train": {}, "pretrained": None},
+    save_torch(make_checkpoint(model="airnet", model_config=CONFIGS["airnet"], classes=["a", "b", "c"],
+                               image_size=32, mean=[0.4] * 3, std=[0.2] * 3,
+                               state_dicts=[m.state_dict() for m in members], train={}),
                tmp_path / "model.pth")
     ensemble = model_from_checkpoint(load_checkpoint(tmp_path / "model.pth"))
     assert isinstance(ensemble, Ensemble) and len(ensemble.members) == 2
     x = random_images(4, 32)
-    first, second = infer(members[0], x, 4, tta=2), infer(members[1], x, 4, tta=2)
+    first, second = infer(members[0], x, batch_size=4, tta=2), infer(members[1], x, batch_size=4, tta=2)
     assert not torch.allclose(first, second)
-    assert torch.allclose(infer(ensemble, x, 4, tta=2), (first + second) / 2, atol=1e-5)
+    assert torch.allclose(infer(ensemble, x, batch_size=4, tta=2), (first + second) / 2, atol=1e-5)
 
 
 def test_a_format_1_checkpoint_still_loads_as_one_model(tmp_path: Path) -> None:
@@ -98,7 +100,7 @@ def test_a_format_1_checkpoint_still_loads_as_one_model(tmp_path: Path) -> None:
     checkpoint = load_checkpoint(tmp_path / "old.pth")
     assert checkpoint["format"] == CHECKPOINT_FORMAT and len(checkpoint["state_dicts"]) == 1
     x = random_images(4, 32)
-    assert torch.equal(infer(model_from_checkpoint(checkpoint), x, 4), infer(model, x, 4))
+    assert torch.equal(infer(model_from_checkpoint(checkpoint), x, batch_size=4), infer(model, x, batch_size=4))
 
 
 def test_an_empty_ensemble_is_refused(tmp_path: Path) -> None:
@@ -172,7 +174,7 @@ def test_get_pretrained_tool_is_explicit_and_fails_clearly_offline(tmp_path: Pat
     import subprocess
     import sys
 
-    tool = Path(__file__).resolve().parent.parent / "tools" / "get_pretrained.py"
+    tool = REPO_ROOT / "tools" / "get_pretrained.py"
     with socket.socket() as probe:  # a port nobody listens on: connection refused, as offline
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]

@@ -18,7 +18,7 @@ import yaml
 from PIL import Image
 
 from stages import predict
-from stages.common import CHECKPOINT_FORMAT, load_checkpoint, save_torch
+from stages.common import CHECKPOINT_FORMAT, load_checkpoint, make_checkpoint, save_torch
 from stages.images import load_image
 from stages.models import build_model, model_config, model_from_checkpoint
 
@@ -26,7 +26,7 @@ CLASSES = ["airplane", "bird", "cat", "ship"]
 SIZE = 16
 
 
-def make_checkpoint(path: Path, repo_root: Path, precision: str = "fp32") -> None:
+def save_checkpoint(path: Path, repo_root: Path, precision: str = "fp32") -> None:
     train = yaml.safe_load((repo_root / "params.yaml").read_text())["train"]
     train.update(model="cnn", cnn={"channels": [8, 8, 8]}, precision=precision)
     torch.manual_seed(0)
@@ -36,10 +36,9 @@ def make_checkpoint(path: Path, repo_root: Path, precision: str = "fp32") -> Non
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
-    save_torch({"format": CHECKPOINT_FORMAT, "model": "cnn", "model_config": model_config(train),
-                "classes": CLASSES, "image_size": SIZE, "mean": [0.49, 0.48, 0.45], "std": [0.25, 0.24, 0.26],
-                "state_dicts": [model.state_dict()], "train": train, "pretrained": None, "epochs_completed": 0,
-                "torch_version": torch.__version__.split("+")[0]}, path)
+    save_torch(make_checkpoint(model="cnn", model_config=model_config(train), classes=CLASSES, image_size=SIZE,
+                               mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26], state_dicts=[model.state_dict()],
+                               train=train, pretrained=None, epochs_completed=0), path)
 
 
 def noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -49,7 +48,7 @@ def noise(shape: tuple[int, ...], seed: int) -> np.ndarray:
 @pytest.fixture
 def workspace(tmp_path: Path, repo_root: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
-    make_checkpoint(tmp_path / "model.pth", repo_root)
+    save_checkpoint(tmp_path / "model.pth", repo_root)
     photos = tmp_path / "photos"
     (photos / "more").mkdir(parents=True)
     Image.fromarray(noise((40, 30, 4), 1), "RGBA").save(photos / "rgba.png")

@@ -14,7 +14,7 @@ import yaml
 from PIL import Image
 
 from stages import report
-from stages.common import CHECKPOINT_FORMAT, PipelineError, save_torch, write_json
+from stages.common import PipelineError, make_checkpoint, save_torch, write_json
 
 CLASSES = ["cat", "dog", "frog"]
 PNGS = ["curves.png", "confusion.png", "per_class.png", "samples.png"]
@@ -41,14 +41,12 @@ def write_workspace(root: Path, repo_root: Path, *, samples: int = 6, baseline: 
     })
 
     train_params = dict(params["train"], model="cnn", weight_decay=1.0e-5)
-    checkpoint = {
-        "format": CHECKPOINT_FORMAT, "model": "cnn", "model_config": {"channels": [4, 8, 8]},
-        "classes": CLASSES, "image_size": 8, "mean": [0.5, 0.4, 0.3], "std": [0.2, 0.2, 0.25],
-        "state_dicts": [{"conv.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(3)}],
-        "train": train_params,
-        "pretrained": {"path": "weights/resnet18.pth", "sha256": "cd" * 32} if pretrained else None,
-        "epochs_completed": 2, "torch_version": str(torch.__version__),  # str: weights_only refuses TorchVersion
-    }
+    checkpoint = make_checkpoint(
+        model="cnn", model_config={"channels": [4, 8, 8]}, classes=CLASSES, image_size=8,
+        mean=[0.5, 0.4, 0.3], std=[0.2, 0.2, 0.25],
+        state_dicts=[{"conv.weight": torch.zeros(4, 3, 3, 3), "fc.bias": torch.zeros(3)}], train=train_params,
+        pretrained={"path": "weights/resnet18.pth", "sha256": "cd" * 32} if pretrained else None,
+        epochs_completed=2)
     (root / "models").mkdir()
     save_torch(checkpoint, root / "models/model.pth")
 
