@@ -18,9 +18,9 @@ from typing import Any, Iterator
 import pytest
 import torch
 
-from stages import download, normalize
+from imagefolders import (add_tar_member, make_cifar_tarball, make_image_folder, write_params, zip_folder)
+from stages import download, fetch, normalize
 from stages.common import PipelineError
-from tests.imagefolders import (add_tar_member, make_cifar_tarball, make_image_folder, write_params, zip_folder)
 
 CIFAR_FILES = ("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
                "test_batch")
@@ -103,7 +103,7 @@ def server() -> Iterator[FileServer]:
 def sleeps(monkeypatch: pytest.MonkeyPatch) -> list[float]:
     """The waits between retries, recorded instead of slept."""
     recorded: list[float] = []
-    monkeypatch.setattr(download, "_sleep", recorded.append)
+    monkeypatch.setattr(fetch, "_sleep", recorded.append)
     return recorded
 
 
@@ -184,7 +184,7 @@ def test_transfer_cut_midway_resumes_with_range(workdir: Path, server: FileServe
     assert_cifar_raw()
     assert [r["range"] for r in server.requests] == [None, f"bytes={len(tarball) // 2}-"]
     assert server.requests[1]["if_range"] == server.last_modified  # a changed file would not be spliced
-    assert sleeps == [download.BACKOFF_S]
+    assert sleeps == [fetch.BACKOFF_S]
 
 
 def test_partial_file_from_an_earlier_run_is_resumed(workdir: Path, server: FileServer, tarball: bytes) -> None:
@@ -230,15 +230,15 @@ def test_http_503_is_retried(workdir: Path, server: FileServer, tarball: bytes, 
     server.fail_once = 503
     download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
     assert_cifar_raw()
-    assert len(server.requests) == 2 and sleeps == [download.BACKOFF_S]
+    assert len(server.requests) == 2 and sleeps == [fetch.BACKOFF_S]
 
 
 def test_persistent_server_error_gives_up_with_backoff(workdir: Path, server: FileServer, tarball: bytes,
                                                        sleeps: list[float]) -> None:
     server.fail_always = 502
-    with pytest.raises(PipelineError, match=rf"failed after {download.RETRIES + 1} attempts \(HTTP 502"):
+    with pytest.raises(PipelineError, match=rf"failed after {fetch.RETRIES + 1} attempts \(HTTP 502"):
         download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
-    assert sleeps == [download.BACKOFF_S * 2 ** i for i in range(download.RETRIES)]
+    assert sleeps == [fetch.BACKOFF_S * 2 ** i for i in range(fetch.RETRIES)]
     assert not Path("data/raw").exists()
 
 
@@ -265,7 +265,7 @@ def test_offline_dns_failure_says_how_to_run_offline(workdir: Path, monkeypatch:
     def no_dns(*args: Any, **kwargs: Any) -> None:
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
-    monkeypatch.setattr(download.urllib.request, "urlopen", no_dns)
+    monkeypatch.setattr(fetch.urllib.request, "urlopen", no_dns)
     with pytest.raises(PipelineError, match=r"www\.cs\.toronto\.edu is unreachable \(cannot resolve the host name"
                                             r".*data\.source=synthetic"):
         download.download(data_params(source="cifar10"))

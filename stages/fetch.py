@@ -1,0 +1,243 @@
+"""A verified local copy of a URL: `fetch(url, target, checksum, offline_hint)`.
+
+A file:// URL is used in place (only checked). An http(s) URL is streamed with a progress bar into `target.part`
+beside `target`, resumed with a Range request (guarded by If-Range with the server's ETag or Last-Modified, so a
+file that changed on the server is not spliced onto an old part), retried with exponential backoff on transient
+errors (connection reset or cut short, timeout, HTTP 408/429/5xx), checked against its checksum and only then
+renamed to `target`; a verified `target` is reused without a request. An unreachable host is not retried: the
+error ends with the caller's `offline_hint`, which says how to run without the network."""
+
+from __future__ import annotations
+
+import errno
+import http.client
+import os
+import re
+import socket
+import ssl
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from urllib.parse import ParseResult, urlparse
+
+from stages.common import PipelineError, file_digest, log
+from stages.images import progress
+
+RETRIES = 4          # extra attempts after a transient error (connection reset, timeout, HTTP 5xx)
+BACKOFF_S = 1.0      # first wait between attempts; doubles each time (1, 2, 4, 8 s)
+TIMEOUT_S = 60.0     # per socket operation, not for the whole transfer
+CHUNK_BYTES = 1 << 20
+_sleep = time.sleep  # tests replace it to retry without waiting
+
+
+class _Transient(Exception):
+    """A network failure worth retrying (the partial download is kept and resumed)."""
+
+
+class _Offline(Exception):
+    """The host cannot be reached at all (no DNS, connection refused, no route): retrying would not help."""
+
+
+def fetch(url: str, target: Path, checksum: tuple[str, str] | None, offline_hint: str) -> Path:
+    """A local, verified copy of `url`: a file:// URL is used in place; http(s) is downloaded to `target`.
+    `checksum` is (hashlib algorithm, expected hex digest), or None to take the file as it comes."""
+    parsed = urlparse(url)
+    if parsed.scheme == "file":
+        return _local_file(url, parsed, checksum)
+    if parsed.scheme not in ("http", "https"):
+        raise PipelineError(f"{url}: unsupported URL scheme {parsed.scheme!r}; use http, https or file")
+    if checksum and target.is_file():
+        if file_digest(target, checksum[0]) == checksum[1]:
+            log(f"download: using the verified {target} (delete it to download again)")
+            return target
+        target.unlink()
+    try:
+        _download(url, target, checksum)
+    except _Offline as error:
+        raise PipelineError(f"cannot download {url}: {parsed.hostname} is unreachable ({error}). "
+                            f"{offline_hint}") from None
+    return target
+
+
+def _local_file(url: str, parsed: ParseResult, checksum: tuple[str, str] | None) -> Path:
+    if parsed.netloc not in ("", "localhost"):
+        raise PipelineError(f"{url}: file:// URLs must name a local file (file:///path), not host "
+                            f"{parsed.netloc!r}")
+    path = Path(urllib.request.url2pathname(parsed.path))
+    if not path.is_file():
+        raise PipelineError(f"{url}: file not found")
+    if checksum:
+        _verify(path, checksum, url, delete=False)
+    return path
+
+
+def _download(url: str, target: Path, checksum: tuple[str, str] | None) -> None:
+    part = target.with_name(target.name + ".part")
+    for attempt in range(RETRIES + 1):
+        try:
+            _transfer(url, part)
+            break
+        except _Transient as error:
+            if attempt == RETRIES:
+                raise PipelineError(f"downloading {url} failed after {RETRIES + 1} attempts ({error}); the partial "
+                                    f"download {part} is kept and resumes on the next run") from None
+            delay = BACKOFF_S * 2 ** attempt
+            log(f"download: {error}; retrying in {delay:g} s")
+            _sleep(delay)
+    if checksum:
+        _verify(part, checksum, url, delete=True)
+    os.replace(part, target)
+    _validator_file(part).unlink(missing_ok=True)
+
+
+def _verify(path: Path, checksum: tuple[str, str], url: str, delete: bool) -> None:
+    algorithm, expected = checksum
+    actual = file_digest(path, algorithm)
+    if actual != expected.lower():
+        if delete:
+            path.unlink(missing_ok=True)
+            _validator_file(path).unlink(missing_ok=True)
+        what = "deleted it; the next run downloads afresh" if delete else "left the file as it is"
+        raise PipelineError(f"{path}: {algorithm.upper()} {actual} does not match the expected {expected} "
+                            f"(from {url}): the file is corrupt or not the expected one; {what}")
+
+
+def _validator_file(part: Path) -> Path:
+    """Beside a partial download: the server's ETag or Last-Modified, sent as If-Range when resuming so that a
+    file that changed on the server is downloaded afresh instead of being spliced onto the old part."""
+    name = part.name[:-len(".part")] if part.name.endswith(".part") else part.name
+    return part.with_name(name + ".validator")
+
+
+# ---------------------------------------------------------------- one attempt
+
+
+def _transfer(url: str, part: Path) -> None:
+    """One attempt: download `url` into `part`, resuming from its current size. Raises _Transient or _Offline."""
+    part.parent.mkdir(parents=True, exist_ok=True)
+    offset = part.stat().st_size if part.is_file() else 0
+    response = _open(url, _request_headers(part, offset), part)
+    if response is None:  # 416 with a part that is already complete
+        return
+    with response:
+        offset, total = _resume_point(response, part, offset)
+        offset = _append_body(response, part, offset, total)
+    _check_length(part, offset, total)
+
+
+def _request_headers(part: Path, offset: int) -> dict[str, str]:
+    headers = {"User-Agent": "cifar-pipeline-download"}
+    validator = _validator_file(part)
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+        if validator.is_file():
+            headers["If-Range"] = validator.read_text(encoding="utf-8").strip()
+    return headers
+
+
+def _resume_point(response: http.client.HTTPResponse, part: Path, offset: int) -> tuple[int, int | None]:
+    """Where the body continues `part` (0: from scratch) and the file's total size (None when unknown)."""
+    if response.status == 206:
+        start, total = _content_range(response.headers.get("Content-Range"))
+        if start != offset:
+            part.unlink(missing_ok=True)
+            raise _Transient(f"the server's answer (Content-Range {response.headers.get('Content-Range')!r}) "
+                             f"does not continue at byte {offset}; starting over")
+        return offset, total
+    # 200: the server ignored Range, or the file changed (If-Range): start from zero
+    if offset:
+        log("download: the server does not resume this file; starting over")
+    length = response.headers.get("Content-Length")
+    _save_validator(response, _validator_file(part))
+    return 0, int(length) if length and length.isdigit() else None
+
+
+def _save_validator(response: http.client.HTTPResponse, validator: Path) -> None:
+    """Keep what identifies this version of the file (a strong ETag, else Last-Modified) for resuming it."""
+    etag = response.headers.get("ETag") or ""
+    tag = etag if etag and not etag.startswith("W/") else response.headers.get("Last-Modified") or ""
+    if tag:
+        validator.write_text(tag, encoding="utf-8")
+    else:
+        validator.unlink(missing_ok=True)
+
+
+def _append_body(response: http.client.HTTPResponse, part: Path, offset: int, total: int | None) -> int:
+    """Write the response body into `part` from `offset` on; return the size `part` has reached."""
+    with open(part, "ab" if offset else "wb") as handle, progress(total, "download", unit="B", initial=offset,
+                                                                 unit_scale=True, unit_divisor=1024) as bar:
+        while True:
+            try:
+                block = response.read(CHUNK_BYTES)
+            except (http.client.HTTPException, OSError) as error:
+                raise _Transient(f"transfer interrupted after {offset} bytes ({_reason(error)})") from None
+            if not block:
+                return offset
+            handle.write(block)
+            offset += len(block)
+            bar.update(len(block))
+
+
+def _check_length(part: Path, received: int, total: int | None) -> None:
+    # http.client does not raise when a connection closes early; the announced length is the only way to know.
+    if total is not None and received < total:
+        raise _Transient(f"connection closed after {received} of {total} bytes")
+    if total is not None and received > total:
+        part.unlink(missing_ok=True)
+        raise _Transient(f"received {received} bytes, more than the {total} announced; starting over")
+
+
+def _open(url: str, headers: dict[str, str], part: Path) -> http.client.HTTPResponse | None:
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+    except urllib.error.HTTPError as error:
+        return _handle_http_error(url, error, headers, part)
+    except urllib.error.URLError as error:
+        reason = error.reason
+        if isinstance(reason, ssl.SSLCertVerificationError):
+            raise PipelineError(f"{url}: TLS certificate check failed ({reason.verify_message or reason})") from None
+        if isinstance(reason, (socket.gaierror, ConnectionRefusedError)) or (
+                isinstance(reason, OSError) and reason.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH)):
+            raise _Offline(_reason(reason)) from None
+        raise _Transient(_reason(reason if isinstance(reason, BaseException) else error)) from None
+    except (http.client.HTTPException, OSError) as error:  # e.g. RemoteDisconnected, timeouts after connecting
+        raise _Transient(_reason(error)) from None
+
+
+def _handle_http_error(url: str, error: urllib.error.HTTPError, headers: dict[str, str], part: Path) -> None:
+    """An HTTP error answer: None when it only says that the part is already complete, otherwise it raises
+    (_Transient for answers worth retrying, PipelineError for the rest)."""
+    if error.code == 416 and "Range" in headers:
+        _, total = _content_range(error.headers.get("Content-Range"), allow_unsatisfied=True)
+        if total is not None and headers["Range"] == f"bytes={total}-":
+            return None
+        # The partial file does not fit the server's file (it changed, or the part is too long): drop it so
+        # the next attempt starts from zero instead of sending the same Range request forever.
+        part.unlink(missing_ok=True)
+        _validator_file(part).unlink(missing_ok=True)
+        raise _Transient("the server cannot resume the partial file; starting over") from None
+    if error.code in (408, 429) or error.code >= 500:
+        raise _Transient(f"HTTP {error.code} {error.reason}") from None
+    raise PipelineError(f"{url}: HTTP {error.code} {error.reason}") from None
+
+
+def _reason(error: BaseException) -> str:
+    if isinstance(error, socket.gaierror):
+        return f"cannot resolve the host name: {error.strerror or error}"
+    if isinstance(error, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(error, (TimeoutError, socket.timeout)):
+        return "timed out"
+    text = str(error).strip()
+    return text or type(error).__name__
+
+
+def _content_range(header: str | None, allow_unsatisfied: bool = False) -> tuple[int | None, int | None]:
+    """(first byte, total size) from 'bytes 100-199/200' (or 'bytes */200' in a 416 answer)."""
+    match = re.fullmatch(r"bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)", (header or "").strip())
+    if not match or (match.group(1) is None and not allow_unsatisfied):
+        return None, None
+    start = int(match.group(1)) if match.group(1) is not None else None
+    total = int(match.group(2)) if match.group(2) != "*" else None
+    return start, total
