@@ -18,7 +18,7 @@ from workspace import REPO_ROOT, header
 sys.path.insert(0, str(REPO_ROOT))
 import stages  # noqa: E402,F401  (the stages' thread and allocator settings)
 from stages.models import autocast_dtype, build_model, model_config  # noqa: E402
-from stages.train import make_optimizers  # noqa: E402
+from stages.optim import make_optimizers  # noqa: E402
 
 BATCH = 1024
 

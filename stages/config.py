@@ -5,6 +5,7 @@ message that names the key, the value and what was expected."""
 from __future__ import annotations
 
 import difflib
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -19,6 +20,9 @@ PARAMS_FILE = "params.yaml"
 MODELS = ("mlp", "cnn", "airnet", "resnet18")
 RESOLUTION_FREE = ("cnn", "airnet")  # end in global pooling, so train.low_res can shrink their input
 URL_SCHEMES = ("http", "https", "file")
+# the train params that are phase lengths: a number of epochs, or "N%" of train.epochs (see Phase, phase_epochs)
+PHASE_KEYS = ("averaging_start", "airnet.whiten_bias_epochs", "low_res.epochs")
+PERCENTAGE = re.compile(r"(\d+(?:\.\d+)?)%")
 
 
 class ParamsError(PipelineError):
@@ -96,6 +100,24 @@ class IntList:
         return value
 
 
+@dataclass(frozen=True)
+class Phase:
+    """The length of a training phase: a number of epochs >= 0, or a string "N%" (0 <= N <= 100) for N percent of
+    train.epochs, so a preset's phases scale with its run length."""
+
+    def check(self, key: str, value: Any) -> Any:
+        if isinstance(value, str):
+            match = PERCENTAGE.fullmatch(value)
+            valid = match is not None and float(match[1]) <= 100
+        else:
+            valid = (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+                     and value >= 0)
+        if not valid:
+            raise ParamsError(f"{key}: {value!r}: expected a number of epochs >= 0 or a percentage of train.epochs "
+                              "such as '30%'")
+        return value
+
+
 SCHEMA: dict[str, Any] = {
     "data": {
         "source": Text(describe="cifar10, synthetic, a path under data/sources/ or an http(s)/file URL"),
@@ -113,7 +135,7 @@ SCHEMA: dict[str, Any] = {
         "model": Choice(MODELS),
         "mlp": {"hidden": IntList(min_len=0)},
         "cnn": {"channels": IntList(min_len=3)},
-        "airnet": {"widths": IntList(min_len=3), "whiten_bias_epochs": Num(ge=0)},
+        "airnet": {"widths": IntList(min_len=3), "whiten_bias_epochs": Phase()},
         "resnet18": {"input_size": Num(integer=True, ge=32, le=1024)},
         "pretrained": Text(describe="none or a path to a torchvision state_dict file"),
         "freeze_backbone": Bool(),
@@ -132,10 +154,10 @@ SCHEMA: dict[str, Any] = {
         "label_smoothing": Num(ge=0, lt=1),
         "averaging": Choice(("none", "ema", "lookahead")),
         "averaging_decay": Num(ge=0, lt=1),
-        "averaging_start": Num(ge=0),
+        "averaging_start": Phase(),
         "augment": {"flip": Choice(("none", "random", "alternate")), "translate": Num(integer=True, ge=0, le=16),
                     "cutout": Num(integer=True, ge=0)},
-        "low_res": {"size": Num(integer=True, ge=0), "epochs": Num(ge=0)},
+        "low_res": {"size": Num(integer=True, ge=0), "epochs": Phase()},
         "precision": Choice(("auto", "bf16", "fp32")),
         "channels_last": Bool(),
         "deterministic": Bool(),
@@ -186,7 +208,8 @@ def _check_relations(params: dict[str, Any]) -> None:
     if train["optimizer"] == "muon" and (train["model"] == "mlp" or train["freeze_backbone"]):
         why = "the mlp has none" if train["model"] == "mlp" else "freeze_backbone freezes them all"
         raise ParamsError(f"train.optimizer: muon trains conv filters and {why}; set train.optimizer: sgd")
-    if train["low_res"]["size"] and train["low_res"]["epochs"] and train["model"] not in RESOLUTION_FREE:
+    low_res_epochs = phase_epochs(train["low_res"]["epochs"], train["epochs"])
+    if train["low_res"]["size"] and low_res_epochs and train["model"] not in RESOLUTION_FREE:
         raise ParamsError(f"train.low_res: model {train['model']!r} takes one input size only; low-resolution "
                           f"epochs work with {', '.join(RESOLUTION_FREE)} (set train.low_res.size: 0)")
     pretrained = train["pretrained"]
@@ -195,6 +218,27 @@ def _check_relations(params: dict[str, Any]) -> None:
         if PurePosixPath(pretrained).is_absolute() or ".." in parts or parts[:2] != ("models", "pretrained"):
             raise ParamsError(f"train.pretrained: {pretrained!r} must be a file under models/pretrained/ (that "
                               "folder is a dependency of the train stage, so DVC retrains when the weights change)")
+
+
+def phase_epochs(value: float | str, epochs: float) -> float:
+    """A phase length (see Phase) in epochs: a number as it is (an int stays an int), "N%" as epochs * N / 100, so
+    "30%" of 9 epochs is exactly the float 2.7."""
+    if isinstance(value, str):
+        return epochs * float(value.removesuffix("%")) / 100
+    return value
+
+
+def resolve_phases(train: dict[str, Any]) -> dict[str, Any]:
+    """A copy of the train params with every phase length (PHASE_KEYS) in epochs; the params are not modified."""
+    resolved = dict(train)
+    for dotted in PHASE_KEYS:
+        *parents, leaf = dotted.split(".")
+        node = resolved
+        for key in parents:
+            node[key] = dict(node[key])
+            node = node[key]
+        node[leaf] = phase_epochs(node[leaf], train["epochs"])
+    return resolved
 
 
 def validate(params: Any) -> dict[str, Any]:
@@ -212,3 +256,17 @@ def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
     except yaml.YAMLError as error:
         raise ParamsError(f"{path} is not valid YAML: {error}") from None
     return validate(params)
+
+
+def set_dotted(params: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set `section.key.subkey` in a params dict, as `dvc exp run -S` does; a key that params.yaml does not
+    have is refused (a typo would otherwise be ignored)."""
+    *parents, leaf = dotted.split(".")
+    node: Any = params
+    for depth, key in enumerate(parents):
+        if not isinstance(node, dict) or key not in node:
+            raise ParamsError(f"{'.'.join(parents[:depth + 1])}: no such section in {PARAMS_FILE} (setting {dotted})")
+        node = node[key]
+    if not isinstance(node, dict) or leaf not in node:
+        raise ParamsError(f"{dotted}: no such key in {PARAMS_FILE}")
+    node[leaf] = value

@@ -6,7 +6,7 @@ The whole training split sits in memory as one uint8 tensor (on the GPU when the
 seeded permutation and augments whole batches at once. A resume checkpoint is written after every epoch to
 models/resume/ (not a DVC output, so DVC does not delete it before a rerun); it is bound to a fingerprint of the
 params and data and is used only when both match. Runs under torchrun (DistributedDataParallel) when
-train.nproc > 1."""
+train.nproc > 1. The optimizers, the schedule and weight averaging live in stages/optim.py."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,18 +28,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from stages.augment import alternating_flips, augment_batch, flip_mask
-from stages.common import (CHECKPOINT_FORMAT, PipelineError, file_digest, load_split, load_torch, log,
-                           pick_device, read_json, run_stage, save_torch, seed_everything, write_json, write_text)
-from stages.config import load_params
-from stages.models import (CONV_NETS, ImageClassifier, autocast_dtype, bias_and_norm_parameters, build_model,
-                           infer, load_pretrained, model_config, model_from_checkpoint, pretrained_weights)
+from stages.common import (PACKAGE_DIR, PipelineError, code_closure, file_digest, load_split, load_torch, log,
+                           make_checkpoint, pick_device, read_json, run_stage, save_torch, seed_everything,
+                           write_json, write_text)
+from stages.config import load_params, resolve_phases
+from stages.models import (ImageClassifier, InferenceSettings, autocast_dtype, build_model, infer,
+                           inference_settings, load_pretrained, model_config, model_from_checkpoint,
+                           pretrained_weights)
+from stages.optim import WeightAverage, apply_weight_decay, lr_factor, make_optimizers, set_lr
+from stages.paths import (HISTORY_CSV, META_JSON, MODEL_PATH, RESUME_PATH, TRAIN_METRICS, TRAIN_SPLIT, TRAIN_TIME,
+                          VAL_SPLIT)
 
-PREPARED = Path("data/prepared")
-MODEL_PATH = Path("models/model.pth")
-RESUME_PATH = Path("models/resume/train.pt")
-METRICS_PATH = Path("metrics/train.json")
-TIME_PATH = Path("metrics/train_time.json")
-HISTORY_PATH = Path("metrics/history.csv")
 HISTORY_COLUMNS = ("member", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 WHITENING_SAMPLE = 5000  # images used to estimate the airnet stem's patch covariance
 
@@ -75,382 +74,8 @@ def all_reduce_sum(values: list[float], device: torch.device, world: int) -> lis
     return tensor.tolist()
 
 
-# ---------------------------------------------------------------- schedule and optimizer
-
-
-def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
-    """Learning-rate multiplier at `step` (0-based): linear warm-up from 0 over `warmup_steps`, then constant,
-    linear decay to 0, or cosine decay to 0 at `total_steps`."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    if schedule == "constant":
-        return 1.0
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    if schedule == "linear":
-        return max(0.0, 1.0 - progress)
-    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-
-def orthogonalize(matrix: torch.Tensor, dtype: torch.dtype, steps: int = 3) -> torch.Tensor:
-    """An approximation of U V^T for matrix = U S V^T (all singular values pushed towards 1) by a quintic
-    Newton-Schulz iteration. The coefficients (Muon's) converge fast from a Frobenius-normalized start rather
-    than exactly; a few steps are enough for an optimizer update."""
-    a, b, c = 3.4445, -4.7750, 2.0315
-    x = matrix.to(dtype)
-    x = x / (x.norm() + 1e-7)
-    wide = x.shape[0] <= x.shape[1]
-    if not wide:
-        x = x.T
-    for _ in range(steps):
-        gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
-    return (x if wide else x.T).to(matrix.dtype)
-
-
-class Muon(torch.optim.Optimizer):
-    """Momentum orthogonalized by Newton-Schulz (Keller Jordan's Muon, as in airbench94_muon), for conv filters.
-    Each update is the (Nesterov) momentum with all its singular values set to ~1, so every direction of a
-    filter bank moves at the same rate instead of a few dominant ones. The filters are held at a fixed norm
-    (sqrt of the output channels): BatchNorm follows each conv, so their scale carries no information, and
-    without it the effective step size would drift as the weights grow."""
-
-    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float, nesterov: bool,
-                 dtype: torch.dtype) -> None:
-        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov})
-        self.dtype = dtype
-
-    @torch.no_grad()
-    def step(self, closure: None = None) -> None:
-        for group in self.param_groups:
-            momentum = group["momentum"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(p)
-                buffer = state["momentum_buffer"]
-                buffer.mul_(momentum).add_(p.grad)
-                direction = p.grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
-                p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp_min(1e-12))
-                update = orthogonalize(direction.reshape(p.shape[0], -1), self.dtype).view_as(p)
-                p.add_(update, alpha=-group["lr"])
-
-
-def make_optimizers(model: nn.Module, train: dict[str, Any], device: torch.device) -> list[torch.optim.Optimizer]:
-    """SGD with two parameter groups: BatchNorm parameters get lr * bias_lr_scale (and weight decay divided by
-    it, so lr x wd stays the same), everything else the base rate. With decoupled weight decay the decay is
-    applied to the weights directly in `apply_weight_decay`, not through the gradient and momentum.
-    train.optimizer muon: the conv filters go to `Muon` instead (no weight decay: it holds their norm fixed).
-    Every group keeps its peak rate in "peak_lr"; `set_lr` scales all of them by the schedule."""
-    special = bias_and_norm_parameters(model)
-    # Frozen parameters stay in the groups too (SGD skips them while they have no gradient): airnet's stem bias
-    # trains only for the first epochs.
-    parameters = list(model.parameters())
-    # (the params check refuses muon for models without trainable conv filters)
-    filters = ([p for p in parameters if p.ndim == 4 and p.requires_grad] if train["optimizer"] == "muon" else [])
-    in_muon = {id(p) for p in filters}
-    scale, wd = train["bias_lr_scale"], train["weight_decay"]
-    coupled_wd = 0.0 if train["decoupled_weight_decay"] else wd
-    groups = [
-        {"params": [p for p in parameters if id(p) not in special and id(p) not in in_muon], "lr_scale": 1.0,
-         "wd": wd},
-        {"params": [p for p in parameters if id(p) in special], "lr_scale": scale, "wd": wd / scale},
-    ]
-    for group in groups:
-        group["weight_decay"] = coupled_wd / group["lr_scale"] if coupled_wd else 0.0
-        group["peak_lr"] = train["lr"] * group["lr_scale"]
-    optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(
-        [g for g in groups if g["params"]], lr=train["lr"], momentum=train["momentum"],
-        nesterov=train["nesterov"] and train["momentum"] > 0)]
-    if filters:
-        # bf16 Newton-Schulz where bf16 matmuls are native (it is only an update direction), fp32 elsewhere
-        dtype = autocast_dtype(train["precision"], device) or torch.float32
-        muon = Muon(filters, train["muon"]["lr"], train["muon"]["momentum"], nesterov=True,
-                    dtype=torch.float32 if dtype == torch.float16 else dtype)
-        muon.param_groups[0].update(peak_lr=train["muon"]["lr"], wd=0.0)
-        optimizers.append(muon)
-    return optimizers
-
-
-def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            group["lr"] = group["peak_lr"] * factor
-
-
-@torch.no_grad()
-def apply_weight_decay(optimizers: list[torch.optim.Optimizer]) -> None:
-    """Decoupled weight decay (SGDW): w <- w * (1 - lr_t * wd), the same for every group."""
-    for optimizer in optimizers:
-        for group in optimizer.param_groups:
-            factor = 1.0 - group["lr"] * group["wd"]
-            for p in group["params"]:
-                if p.requires_grad and p.ndim > 1 and factor != 1.0:  # biases and norm shifts are not decayed
-                    p.mul_(factor)
-
-
-# ---------------------------------------------------------------- weight averaging
-
-
-class WeightAverage:
-    """A moving average of all weights and BatchNorm statistics.
-    ema: updated every step with a constant decay; the average is what gets evaluated and saved.
-    lookahead: updated every LOOKAHEAD_EVERY steps with a decay that ramps up as (step / total)^3, and the
-    weights are pulled back to the average each time (and at the end of every epoch), as in the fast CIFAR-10
-    recipes: it moves fast early on and averages strongly at the end."""
-
-    LOOKAHEAD_EVERY = 5
-
-    def __init__(self, model: nn.Module, mode: str, decay: float, start_step: int, total_steps: int) -> None:
-        self.mode, self.decay, self.start_step, self.total_steps = mode, decay, start_step, total_steps
-        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def _blend(self, model: nn.Module, decay: float, pull_back: bool) -> None:
-        for key, value in model.state_dict().items():
-            average = self.state[key]
-            if value.is_floating_point():
-                average.lerp_(value, 1.0 - decay)
-                if pull_back:
-                    value.copy_(average)
-            else:
-                average.copy_(value)
-
-    def after_step(self, model: nn.Module, step: int) -> None:
-        """Called after optimizer step number `step` (1-based)."""
-        if step < self.start_step:
-            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # start from the weights
-        elif self.mode == "ema":
-            self._blend(model, self.decay, pull_back=False)
-        elif step % self.LOOKAHEAD_EVERY == 0:
-            self._blend(model, self._lookahead_decay(step), pull_back=True)
-
-    def _lookahead_decay(self, step: int) -> float:
-        return self.decay ** self.LOOKAHEAD_EVERY * (step / self.total_steps) ** 3
-
-    def end_of_epoch(self, model: nn.Module, step: int) -> None:
-        """Lookahead: blend in the steps since the last pull-back and pull back once more, so validation and the
-        saved model see the averaged weights. (Blending, not just pulling back: with only a few steps per epoch,
-        a plain pull-back would throw those steps away every epoch.)"""
-        if self.mode == "lookahead" and step >= self.start_step and step % self.LOOKAHEAD_EVERY:
-            self._blend(model, self._lookahead_decay(step), pull_back=True)
-
-
-# ---------------------------------------------------------------- helpers
-
-
-def fingerprint(params: dict[str, Any], world: int) -> str:
-    """Identifies a training run: the train params, the data files, the pretrained weights, the code of the
-    modules training runs, the torch version and the process count. A resume checkpoint from any other run is
-    ignored, so an edit to the model code never resumes from weights of the old code."""
-    digest = hashlib.sha256(json.dumps(params["train"], sort_keys=True).encode())
-    files = [PREPARED / name for name in ("train.pt", "val.pt", "meta.json")]
-    files += [Path(__file__).with_name(name) for name in ("train.py", "models.py", "augment.py", "common.py")]
-    if params["train"]["pretrained"] != "none":
-        files.append(Path(params["train"]["pretrained"]))
-    for path in files:
-        digest.update(file_digest(path).encode())
-    digest.update(f"{torch.__version__} world={world}".encode())
-    return digest.hexdigest()
-
-
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def evaluate_split(model: ImageClassifier, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                   device: torch.device, dtype: torch.dtype | None, channels_last: bool) -> tuple[float, float]:
-    logits = infer(model, images, batch_size, 1, device, dtype, channels_last)
-    loss = F.cross_entropy(logits, labels).item()
-    return loss, (logits.argmax(1) == labels).float().mean().item()
-
-
-def write_history(rows: list[dict[str, Any]]) -> None:
-    def cell(value: Any) -> str:
-        return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
-    lines = [",".join(HISTORY_COLUMNS)] + [",".join(cell(row[c]) for c in HISTORY_COLUMNS) for row in rows]
-    write_text(HISTORY_PATH, "\n".join(lines) + "\n")
-
-
-# ---------------------------------------------------------------- main
-
-
-@dataclass
-class Run:
-    """What every member of a training run shares: params, device, processes and the data (on the device)."""
-    cfg: dict[str, Any]
-    device: torch.device
-    rank: int
-    world: int
-    meta: dict[str, Any]
-    train_images: torch.Tensor
-    train_labels: torch.Tensor
-    val_images: torch.Tensor
-    val_labels: torch.Tensor
-    fingerprint: str
-
-    def say(self, message: str) -> None:
-        if self.rank == 0:
-            log(message)
-
-    @property
-    def channels_last(self) -> bool:
-        return self.cfg["channels_last"] and self.cfg["model"] in CONV_NETS
-
-    def build(self) -> ImageClassifier:
-        return build_model(self.cfg["model"], model_config(self.cfg), len(self.meta["classes"]),
-                           self.meta["image_size"], self.meta["mean"], self.meta["std"])
-
-
-def train_member(run: Run, member: int, finished: list[dict[str, torch.Tensor]], history: list[dict[str, Any]],
-                 elapsed: float, resume: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], float]:
-    """Train ensemble member `member` (0-based; its seed is train.seed + member) and return its final weights and
-    the training seconds of the whole run so far. Appends its per-epoch rows to `history`; after every epoch
-    writes a resume checkpoint holding the finished members, so an interrupted run picks up where it stopped."""
-    cfg, device, rank, world = run.cfg, run.device, run.rank, run.world
-    seed = cfg["seed"] + member
-    seed_everything(seed)
-    model = run.build()
-    if cfg["pretrained"] != "none":
-        load_pretrained(model, cfg["pretrained"])
-    if hasattr(model.net, "init_from_data"):
-        model.net.init_from_data(model.normalize(run.train_images[:WHITENING_SAMPLE].cpu()))
-    channels_last = run.channels_last
-    model.to(device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    dtype = autocast_dtype(cfg["precision"], device)
-    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
-    optimizers = make_optimizers(model, cfg, device)
-
-    train_images, train_labels = run.train_images, run.train_labels
-    n_train = train_images.shape[0]
-    cutout_fill = torch.tensor(run.meta["mean"]).mul(255).round().to(train_images.dtype)  # zero once normalized
-    orientations = alternating_flips(n_train, seed) if cfg["augment"]["flip"] == "alternate" else None
-    batch = cfg["batch_size"]
-    full, remainder = divmod(n_train, batch)
-    # The last, smaller batch is kept only when every process gets the same number (>= 2, for BatchNorm) of
-    # its images; otherwise it is dropped (a different part of the data each epoch).
-    steps_per_epoch = full + (1 if remainder >= 2 * world and remainder % world == 0 else 0)
-    total_steps = max(1, round(cfg["epochs"] * steps_per_epoch))
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-    warmup_steps = round(cfg["warmup_epochs"] * steps_per_epoch)
-    low_res_size = cfg["low_res"]["size"]
-    low_res_steps = round(cfg["low_res"]["epochs"] * steps_per_epoch) if low_res_size else 0
-    if low_res_steps and low_res_size >= run.meta["image_size"]:  # the model check is in stages/config.py
-        raise PipelineError(f"train.low_res.size: {low_res_size} must be smaller than the images "
-                            f"({run.meta['image_size']} px) to save time")
-    averaging = None
-    if cfg["averaging"] != "none":
-        averaging = WeightAverage(model, cfg["averaging"], cfg["averaging_decay"],
-                                  round(cfg["averaging_start"] * steps_per_epoch), total_steps)
-
-    start_epoch = 0
-    if resume is not None:
-        model.load_state_dict(resume["model"])
-        for optimizer, optimizer_state in zip(optimizers, resume["optimizers"]):
-            optimizer.load_state_dict(optimizer_state)
-        if averaging is not None:
-            averaging.state = {k: v.to(device) for k, v in resume["average"].items()}
-        start_epoch = resume["epoch"]
-
-    # airnet freezes its stem bias after a few epochs; DDP must then expect a parameter without a gradient.
-    net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=hasattr(model.net, "on_epoch_start"))
-           if world > 1 else model)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
-    ensemble = cfg["ensemble"]
-    run.say(f"training {cfg['model']} ({sum(p.numel() for p in model.parameters()):,} parameters) on {device}, "
-            f"{n_train} images, {n_epochs} epochs of {steps_per_epoch} steps, batch {batch}, "
-            f"precision {dtype or torch.float32}".replace("torch.", "")
-            + (f", {world} processes" if world > 1 else "")
-            + (f"; ensemble member {member + 1} of {ensemble} (seed {seed})" if ensemble > 1 else ""))
-
-    for epoch in range(start_epoch, n_epochs):
-        epoch_start = time.perf_counter()
-        net.train()
-        if hasattr(model.net, "on_epoch_start"):
-            model.net.on_epoch_start(epoch)
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        order = torch.randperm(n_train, generator=generator)
-        loss_sum = correct = seen = 0.0
-        next_log = cfg["log_every"]
-        steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)
-        for step_in_epoch in range(steps):
-            step = epoch * steps_per_epoch + step_in_epoch
-            indices = order[step_in_epoch * batch:(step_in_epoch + 1) * batch].to(device)
-            # Augment the whole global batch, then take this rank's share: every rank draws the same random
-            # numbers, so N processes see exactly the images one process would.
-            flips = flip_mask(cfg["augment"]["flip"], indices, epoch, generator, orientations)
-            images = augment_batch(train_images[indices], flips, cfg["augment"]["translate"], generator,
-                                   cfg["augment"]["cutout"], cutout_fill)[rank::world].float()
-            indices = indices[rank::world]
-            if step < low_res_steps:
-                images = F.interpolate(images, size=(low_res_size, low_res_size), mode="bilinear",
-                                       antialias=True, align_corners=False)
-            if channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            labels = train_labels[indices]
-            factor = lr_factor(step, total_steps, warmup_steps, cfg["schedule"])
-            base_lr = cfg["lr"] * factor
-            set_lr(optimizers, factor)
-            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
-                logits = net(images)
-                loss = loss_fn(logits.float(), labels)
-            if not torch.isfinite(loss):
-                raise PipelineError(
-                    f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1} "
-                    f"(lr {base_lr:.4g}). Most likely train.lr={cfg['lr']} is too high for this model and "
-                    f"batch size; try a smaller lr or a longer warm-up. No model was saved.")
-            for optimizer in optimizers:
-                optimizer.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
-            if cfg["decoupled_weight_decay"] and cfg["weight_decay"] > 0:
-                apply_weight_decay(optimizers)
-            for optimizer in optimizers:
-                scaler.step(optimizer)
-            scaler.update()
-            if averaging is not None:
-                averaging.after_step(model, step + 1)
-            loss_sum += loss.item() * labels.shape[0]
-            correct += (logits.argmax(1) == labels).sum().item()
-            seen += labels.shape[0]
-            if seen * world >= next_log:
-                run.say(f"[epoch {epoch + 1}, {int(seen * world):>6d} images] loss: {loss_sum / seen:.3f}")
-                next_log += cfg["log_every"]
-        if averaging is not None:
-            averaging.end_of_epoch(model, step + 1)
-        loss_sum, correct, seen = all_reduce_sum([loss_sum, correct, seen], device, world)
-        train_seconds = time.perf_counter() - epoch_start
-
-        eval_model = model
-        if averaging is not None and averaging.mode == "ema":
-            eval_model = run.build().to(device)
-            eval_model.load_state_dict(averaging.state)
-        val_loss = val_acc = None
-        if run.val_images.shape[0] and rank == 0:
-            val_loss, val_acc = evaluate_split(eval_model, run.val_images, run.val_labels, max(batch, 256), device,
-                                               dtype, channels_last)
-        elapsed += time.perf_counter() - epoch_start
-        history.append({"member": member + 1, "epoch": epoch + 1, "train_loss": loss_sum / seen,
-                        "train_acc": correct / seen, "val_loss": val_loss, "val_acc": val_acc, "lr": base_lr})
-        val_text = f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_loss is not None else ""
-        run.say(f"epoch {epoch + 1:>3d}/{n_epochs}  train loss {loss_sum / seen:.4f} acc {correct / seen:.4f}"
-                f"{val_text}  lr {base_lr:.3g}  {train_seconds:.1f}s  {seen / train_seconds:,.0f} img/s")
-        if rank == 0:
-            save_torch({"fingerprint": run.fingerprint, "member": member, "members": finished, "epoch": epoch + 1,
-                        "elapsed": elapsed, "history": history, "model": plain_state_dict(model),
-                        "optimizers": [o.state_dict() for o in optimizers],
-                        "average": averaging.state if averaging is not None else None}, RESUME_PATH)
-
-    if averaging is not None and averaging.mode == "ema":
-        return {k: v.detach().cpu().clone() for k, v in averaging.state.items()}, elapsed
-    return plain_state_dict(model), elapsed
-
-
-def train(params: dict[str, Any]) -> None:
-    cfg = params["train"]
+def setup_device(cfg: dict[str, Any]) -> tuple[torch.device, int, int]:
+    """This process's device, rank and world size, with the CUDA kernel choices train.deterministic asks for."""
     device = pick_device()
     rank, world = init_distributed(device)
     if device.type == "cuda":
@@ -462,69 +87,429 @@ def train(params: dict[str, Any]) -> None:
             # Deterministic kernels where CUDA has them; the few ops without one (max-pool and bilinear
             # upsampling backward) warn instead of failing, so those runs stay close but not bit-exact.
             torch.use_deterministic_algorithms(True, warn_only=True)
+    return device, rank, world
 
-    meta = read_json(PREPARED / "meta.json", "data summary")
-    train_images, train_labels = load_split(PREPARED / "train.pt")
-    val_images, val_labels = load_split(PREPARED / "val.pt")
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length in optimizer steps, the same for every member: each phase of train (in epochs) becomes a
+    whole number of steps."""
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int  # epochs started; the last one may stop part-way (fractional train.epochs)
+    warmup_steps: int
+    low_res_steps: int
+    averaging_start: int
+
+    def global_step(self, epoch: int, step_in_epoch: int) -> int:
+        return epoch * self.steps_per_epoch + step_in_epoch
+
+    def steps_in(self, epoch: int) -> int:
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+
+def plan_schedule(cfg: dict[str, Any], n_train: int, world: int, image_size: int) -> Schedule:
+    full, remainder = divmod(n_train, cfg["batch_size"])
+    # The last, smaller batch is kept only when every process gets the same number (>= 2, for BatchNorm) of
+    # its images; otherwise it is dropped (a different part of the data each epoch).
+    steps_per_epoch = full + (1 if remainder >= 2 * world and remainder % world == 0 else 0)
+    total_steps = max(1, round(cfg["epochs"] * steps_per_epoch))
+    low_res_size = cfg["low_res"]["size"]
+    low_res_steps = round(cfg["low_res"]["epochs"] * steps_per_epoch) if low_res_size else 0
+    if low_res_steps and low_res_size >= image_size:  # the model check is in stages/config.py
+        raise PipelineError(f"train.low_res.size: {low_res_size} must be smaller than the images "
+                            f"({image_size} px) to save time")
+    return Schedule(steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                    epochs=math.ceil(total_steps / steps_per_epoch),
+                    warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch), low_res_steps=low_res_steps,
+                    averaging_start=round(cfg["averaging_start"] * steps_per_epoch))
+
+
+@dataclass
+class Run:
+    """What every member of a training run shares: the train params (phase lengths in epochs), device, processes,
+    the data (the training split on the device) and the schedule; and what the run has produced so far (the
+    finished members' weights, the per-epoch history, the training seconds), which the resume checkpoint holds."""
+    cfg: dict[str, Any]
+    device: torch.device
+    rank: int
+    world: int
+    meta: dict[str, Any]
+    train_images: torch.Tensor
+    train_labels: torch.Tensor
+    val_images: torch.Tensor
+    val_labels: torch.Tensor
+    schedule: Schedule
+    inference: InferenceSettings
+    fingerprint: str = ""
+    members: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    history: list[dict[str, Any]] = field(default_factory=list)
+    elapsed: float = 0.0
+
+    def say(self, message: str) -> None:
+        if self.rank == 0:
+            log(message)
+
+    @property
+    def channels_last(self) -> bool:
+        return self.inference.channels_last
+
+    def build(self) -> ImageClassifier:
+        return build_model(self.cfg["model"], model_config(self.cfg), len(self.meta["classes"]),
+                           self.meta["image_size"], self.meta["mean"], self.meta["std"])
+
+
+def load_run(cfg: dict[str, Any], device: torch.device, rank: int, world: int) -> Run:
+    """Read the prepared data and check that the batch size fits it."""
+    meta = read_json(META_JSON, "data summary")
+    train_images, train_labels = load_split(TRAIN_SPLIT)
+    val_images, val_labels = load_split(VAL_SPLIT)
     if train_images.shape[0] < 2:
-        raise PipelineError(f"{PREPARED / 'train.pt'}: the training split has {train_images.shape[0]} images")
+        raise PipelineError(f"{TRAIN_SPLIT}: the training split has {train_images.shape[0]} images")
     if cfg["batch_size"] > train_images.shape[0]:
         raise PipelineError(f"train.batch_size: {cfg['batch_size']} is larger than the training split "
                             f"({train_images.shape[0]} images)")
     if cfg["batch_size"] % world:
         raise PipelineError(f"train.batch_size: {cfg['batch_size']} must be divisible by train.nproc={world}")
-    run = Run(cfg, device, rank, world, meta, train_images.to(device), train_labels.to(device), val_images,
-              val_labels, fingerprint="")
-    pretrained = None  # what the checkpoint records; the clear not-found error comes before the fingerprint reads it
-    if cfg["pretrained"] != "none":
-        pretrained = {"path": cfg["pretrained"], "sha256": file_digest(pretrained_weights(cfg["pretrained"]))}
-    run.fingerprint = fingerprint(params, world)
-    resume = None
-    if RESUME_PATH.is_file():
-        state = load_torch(RESUME_PATH, "resume checkpoint")
-        if isinstance(state, dict) and state.get("fingerprint") == run.fingerprint:
-            resume = state
-            run.say(f"resuming after epoch {state['epoch']}"
-                    + (f" of member {state['member'] + 1}" if cfg["ensemble"] > 1 else "") + f" from {RESUME_PATH}")
-        else:
-            run.say(f"ignoring {RESUME_PATH}: it belongs to other params or data")
-    members: list[dict[str, torch.Tensor]] = list(resume["members"]) if resume else []
-    history: list[dict[str, Any]] = list(resume["history"]) if resume else []
-    elapsed = resume["elapsed"] if resume else 0.0
-    for member in range(len(members), cfg["ensemble"]):
-        state, elapsed = train_member(run, member, members, history, elapsed,
-                                      resume if resume is not None and resume["member"] == member else None)
-        members.append(state)
+    schedule = plan_schedule(cfg, train_images.shape[0], world, meta["image_size"])
+    return Run(cfg, device, rank, world, meta, train_images.to(device), train_labels.to(device), val_images,
+               val_labels, schedule, inference_settings(cfg["model"], cfg, device))
 
+
+def pretrained_record(cfg: dict[str, Any]) -> dict[str, str] | None:
+    """What the checkpoint records about the starting weights (pretrained_weights gives the clear error for a
+    missing file, before the fingerprint reads it)."""
+    if cfg["pretrained"] == "none":
+        return None
+    return {"path": cfg["pretrained"], "sha256": file_digest(pretrained_weights(cfg["pretrained"]))}
+
+
+def fingerprint(params: dict[str, Any], world: int) -> str:
+    """Identifies a training run: the train params, the data files, the pretrained weights, the code training
+    runs (every stages module `python -m stages.train` imports), the torch version and the process count. A
+    resume checkpoint from any other run is ignored, so an edit to the code never resumes from weights of the old
+    code."""
+    digest = hashlib.sha256(json.dumps(params["train"], sort_keys=True).encode())
+    files = [TRAIN_SPLIT, VAL_SPLIT, META_JSON]
+    files += [PACKAGE_DIR.parent / path for path in code_closure("stages.train")]
+    if params["train"]["pretrained"] != "none":
+        files.append(Path(params["train"]["pretrained"]))
+    for path in files:
+        digest.update(file_digest(path).encode())
+    digest.update(f"{torch.__version__} world={world}".encode())
+    return digest.hexdigest()
+
+
+def resume_run(run: Run) -> dict[str, Any] | None:
+    """The resume checkpoint an interrupted attempt at this same run left, or None. Its finished members, history
+    and training seconds go into `run`; the member in progress resumes from it in `train_member`."""
+    if not RESUME_PATH.is_file():
+        return None
+    state = load_torch(RESUME_PATH, "resume checkpoint")
+    if not isinstance(state, dict) or state.get("fingerprint") != run.fingerprint:
+        run.say(f"ignoring {RESUME_PATH}: it belongs to other params or data")
+        return None
+    run.say(f"resuming after epoch {state['epoch']}"
+            + (f" of member {state['member'] + 1}" if run.cfg["ensemble"] > 1 else "") + f" from {RESUME_PATH}")
+    run.members, run.history, run.elapsed = list(state["members"]), list(state["history"]), state["elapsed"]
+    return state
+
+
+# ---------------------------------------------------------------- one ensemble member
+
+
+@dataclass
+class Member:
+    """One ensemble member in training: its seed (train.seed + index) and everything a step updates."""
+    index: int
+    seed: int
+    model: ImageClassifier
+    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    optimizers: list[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    averaging: WeightAverage | None
+    loss_fn: nn.Module
+    dtype: torch.dtype | None  # autocast
+    orientations: torch.Tensor | None  # train.augment.flip alternate: each image's orientation in even epochs
+    cutout_fill: torch.Tensor
+    start_epoch: int
+
+
+def initial_model(run: Run) -> ImageClassifier:
+    """The member's model before its first step, on the device: fresh weights (from the seed just set), or
+    pretrained ones, and airnet's whitening stem fitted to the training images."""
+    model = run.build()
+    if run.cfg["pretrained"] != "none":
+        load_pretrained(model, run.cfg["pretrained"])
+    if hasattr(model.net, "init_from_data"):
+        model.net.init_from_data(model.normalize(run.train_images[:WHITENING_SAMPLE].cpu()))
+    model.to(run.device)
+    if run.channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:
+    """Seed, build the model and its optimizers and weight average, and restore them from `resume` if given."""
+    cfg, device = run.cfg, run.device
+    seed = cfg["seed"] + index
+    seed_everything(seed)
+    model = initial_model(run)
+    dtype = autocast_dtype(cfg["precision"], device)
+    scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
+    optimizers = make_optimizers(model, cfg, device)
+    n_train = run.train_images.shape[0]
+    cutout_fill = torch.tensor(run.meta["mean"]).mul(255).round().to(run.train_images.dtype)  # zero once normalized
+    orientations = alternating_flips(n_train, seed) if cfg["augment"]["flip"] == "alternate" else None
+    averaging = None
+    if cfg["averaging"] != "none":
+        averaging = WeightAverage(model, cfg["averaging"], cfg["averaging_decay"], run.schedule.averaging_start,
+                                  run.schedule.total_steps)
+    start_epoch = 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        for optimizer, optimizer_state in zip(optimizers, resume["optimizers"]):
+            optimizer.load_state_dict(optimizer_state)
+        if averaging is not None:
+            averaging.state = {k: v.to(device) for k, v in resume["average"].items()}
+        start_epoch = resume["epoch"]
+    # airnet freezes its stem bias after a few epochs; DDP must then expect a parameter without a gradient.
+    net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=hasattr(model.net, "on_epoch_start"))
+           if run.world > 1 else model)
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    return Member(index, seed, model, net, optimizers, scaler, averaging, loss_fn, dtype, orientations,
+                  cutout_fill, start_epoch)
+
+
+def announce(run: Run, member: Member) -> None:
+    cfg, schedule = run.cfg, run.schedule
+    run.say(f"training {cfg['model']} ({sum(p.numel() for p in member.model.parameters()):,} parameters) on "
+            f"{run.device}, {run.train_images.shape[0]} images, {schedule.epochs} epochs of "
+            f"{schedule.steps_per_epoch} steps, batch {cfg['batch_size']}, "
+            f"precision {member.dtype or torch.float32}".replace("torch.", "")
+            + (f", {run.world} processes" if run.world > 1 else "")
+            + (f"; ensemble member {member.index + 1} of {cfg['ensemble']} (seed {member.seed})"
+               if cfg["ensemble"] > 1 else ""))
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+@dataclass
+class EpochStats:
+    """Sums over this process's share of an epoch's images (over all processes once the epoch ends)."""
+    loss_sum: float = 0.0
+    correct: float = 0.0
+    seen: float = 0.0
+    lr: float = 0.0  # the base learning rate of the latest step
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, labels: torch.Tensor) -> None:
+        self.loss_sum += loss.item() * labels.shape[0]
+        self.correct += (logits.argmax(1) == labels).sum().item()
+        self.seen += labels.shape[0]
+
+
+def training_batch(run: Run, member: Member, order: torch.Tensor, epoch: int, step_in_epoch: int,
+                   generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """This process's augmented images (float, still 0..255) and labels for one step."""
+    cfg, batch = run.cfg, run.cfg["batch_size"]
+    indices = order[step_in_epoch * batch:(step_in_epoch + 1) * batch].to(run.device)
+    # Augment the whole global batch, then take this rank's share: every rank draws the same random
+    # numbers, so N processes see exactly the images one process would.
+    flips = flip_mask(cfg["augment"]["flip"], indices, epoch, generator, member.orientations)
+    images = augment_batch(run.train_images[indices], flips, cfg["augment"]["translate"], generator,
+                           cfg["augment"]["cutout"], member.cutout_fill)[run.rank::run.world].float()
+    indices = indices[run.rank::run.world]
+    if run.schedule.global_step(epoch, step_in_epoch) < run.schedule.low_res_steps:
+        size = cfg["low_res"]["size"]
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    if run.channels_last:
+        images = images.contiguous(memory_format=torch.channels_last)
+    return images, run.train_labels[indices]
+
+
+def optimizer_step(run: Run, member: Member, images: torch.Tensor, labels: torch.Tensor, epoch: int,
+                   step_in_epoch: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """One step at the scheduled learning rate; returns the logits, the loss and the base learning rate."""
+    cfg, schedule = run.cfg, run.schedule
+    step = schedule.global_step(epoch, step_in_epoch)
+    factor = lr_factor(step, schedule.total_steps, schedule.warmup_steps, cfg["schedule"])
+    base_lr = cfg["lr"] * factor
+    set_lr(member.optimizers, factor)
+    with torch.autocast(run.device.type, dtype=member.dtype, enabled=member.dtype is not None):
+        logits = member.net(images)
+        loss = member.loss_fn(logits.float(), labels)
+    if not torch.isfinite(loss):
+        raise PipelineError(
+            f"training diverged: loss is {loss.item()} at epoch {epoch + 1}, step {step_in_epoch + 1} "
+            f"(lr {base_lr:.4g}). Most likely train.lr={cfg['lr']} is too high for this model and "
+            f"batch size; try a smaller lr or a longer warm-up. No model was saved.")
+    for optimizer in member.optimizers:
+        optimizer.zero_grad(set_to_none=True)
+    member.scaler.scale(loss).backward()
+    if cfg["decoupled_weight_decay"] and cfg["weight_decay"] > 0:
+        apply_weight_decay(member.optimizers)
+    for optimizer in member.optimizers:
+        member.scaler.step(optimizer)
+    member.scaler.update()
+    if member.averaging is not None:
+        member.averaging.after_step(member.model, step + 1)
+    return logits, loss, base_lr
+
+
+def train_epoch(run: Run, member: Member, epoch: int) -> EpochStats:
+    """One pass over a fresh seeded permutation of the training split (the last epoch may stop part-way)."""
+    member.net.train()
+    if hasattr(member.model.net, "on_epoch_start"):
+        member.model.net.on_epoch_start(epoch)
+    generator = torch.Generator().manual_seed(member.seed * 1_000_003 + epoch)
+    order = torch.randperm(run.train_images.shape[0], generator=generator)
+    stats = EpochStats()
+    next_log = run.cfg["log_every"]
+    steps = run.schedule.steps_in(epoch)
+    for step_in_epoch in range(steps):
+        images, labels = training_batch(run, member, order, epoch, step_in_epoch, generator)
+        logits, loss, stats.lr = optimizer_step(run, member, images, labels, epoch, step_in_epoch)
+        stats.add(loss, logits, labels)
+        if stats.seen * run.world >= next_log:
+            run.say(f"[epoch {epoch + 1}, {int(stats.seen * run.world):>6d} images] loss: "
+                    f"{stats.loss_sum / stats.seen:.3f}")
+            next_log += run.cfg["log_every"]
+    if member.averaging is not None:
+        member.averaging.end_of_epoch(member.model, run.schedule.global_step(epoch, steps - 1) + 1)
+    stats.loss_sum, stats.correct, stats.seen = all_reduce_sum([stats.loss_sum, stats.correct, stats.seen],
+                                                               run.device, run.world)
+    return stats
+
+
+def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
+                   settings: InferenceSettings) -> tuple[float, float]:
+    logits = infer(model, images, batch_size=batch_size, settings=settings)
+    loss = F.cross_entropy(logits, labels).item()
+    return loss, (logits.argmax(1) == labels).float().mean().item()
+
+
+def validate(run: Run, member: Member) -> tuple[float | None, float | None]:
+    """Loss and accuracy on the validation split of the weights that will be saved (the EMA average, if any);
+    None without a validation split and on ranks other than 0."""
+    eval_model = member.model
+    if member.averaging is not None and member.averaging.mode == "ema":
+        eval_model = run.build().to(run.device)
+        eval_model.load_state_dict(member.averaging.state)
+    if run.val_images.shape[0] and run.rank == 0:
+        return evaluate_split(eval_model, run.val_images, run.val_labels, max(run.cfg["batch_size"], 256),
+                              run.inference)
+    return None, None
+
+
+def record_epoch(run: Run, member: Member, epoch: int, stats: EpochStats, val: tuple[float | None, float | None],
+                 train_seconds: float) -> None:
+    val_loss, val_acc = val
+    train_loss, train_acc = stats.loss_sum / stats.seen, stats.correct / stats.seen
+    run.history.append({"member": member.index + 1, "epoch": epoch + 1, "train_loss": train_loss,
+                        "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc, "lr": stats.lr})
+    val_text = f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_loss is not None else ""
+    run.say(f"epoch {epoch + 1:>3d}/{run.schedule.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}"
+            f"{val_text}  lr {stats.lr:.3g}  {train_seconds:.1f}s  {stats.seen / train_seconds:,.0f} img/s")
+
+
+def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def save_resume(run: Run, member: Member, epochs_done: int) -> None:
+    """Everything needed to continue after this epoch: the finished members, this member's weights, optimizer
+    states and weight average, and the run's history and seconds so far."""
+    save_torch({"fingerprint": run.fingerprint, "member": member.index, "members": run.members,
+                "epoch": epochs_done, "elapsed": run.elapsed, "history": run.history,
+                "model": plain_state_dict(member.model), "optimizers": [o.state_dict() for o in member.optimizers],
+                "average": member.averaging.state if member.averaging is not None else None}, RESUME_PATH)
+
+
+def final_weights(member: Member) -> dict[str, torch.Tensor]:
+    if member.averaging is not None and member.averaging.mode == "ema":
+        return {k: v.detach().cpu().clone() for k, v in member.averaging.state.items()}
+    return plain_state_dict(member.model)
+
+
+def train_member(run: Run, index: int, resume: dict[str, Any] | None) -> dict[str, torch.Tensor]:
+    """Train ensemble member `index` (0-based) from the start, or from `resume`, and return its final weights.
+    Appends its per-epoch rows to the run's history; after every epoch writes a resume checkpoint holding the
+    finished members too, so an interrupted run picks up where it stopped."""
+    member = setup_member(run, index, resume)
+    announce(run, member)
+    for epoch in range(member.start_epoch, run.schedule.epochs):
+        epoch_start = time.perf_counter()
+        stats = train_epoch(run, member, epoch)
+        train_seconds = time.perf_counter() - epoch_start
+        val = validate(run, member)
+        run.elapsed += time.perf_counter() - epoch_start
+        record_epoch(run, member, epoch, stats, val, train_seconds)
+        if run.rank == 0:
+            save_resume(run, member, epoch + 1)
+    return final_weights(member)
+
+
+# ---------------------------------------------------------------- outputs
+
+
+def write_history(rows: list[dict[str, Any]]) -> None:
+    def cell(value: Any) -> str:
+        return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
+    lines = [",".join(HISTORY_COLUMNS)] + [",".join(cell(row[c]) for c in HISTORY_COLUMNS) for row in rows]
+    write_text(HISTORY_CSV, "\n".join(lines) + "\n")
+
+
+def train_metrics(run: Run, checkpoint: dict[str, Any]) -> dict[str, Any]:
+    last = run.history[-1]
+    metrics: dict[str, Any] = {"train": {"loss": round(last["train_loss"], 6), "acc": round(last["train_acc"], 6)}}
+    if run.val_images.shape[0]:
+        if len(run.members) > 1:  # the ensemble's own score, as evaluate will see it (without TTA)
+            val_loss, val_acc = evaluate_split(model_from_checkpoint(checkpoint), run.val_images, run.val_labels,
+                                               max(run.cfg["batch_size"], 256), run.inference)
+        else:
+            val_loss, val_acc = last["val_loss"], last["val_acc"]
+        metrics["val"] = {"loss": round(val_loss, 6), "acc": round(val_acc, 6)}
+    metrics["epochs"] = checkpoint["epochs_completed"]
+    return metrics
+
+
+def write_outputs(run: Run, pretrained: dict[str, str] | None) -> None:
+    """The checkpoint, the metrics, the history and the timing; after them the resume checkpoint has served."""
+    cfg, meta = run.cfg, run.meta
+    checkpoint = make_checkpoint(model=cfg["model"], model_config=model_config(cfg), classes=meta["classes"],
+                                 image_size=meta["image_size"], mean=meta["mean"], std=meta["std"],
+                                 state_dicts=run.members, train=cfg, pretrained=pretrained,
+                                 epochs_completed=max(row["epoch"] for row in run.history))
+    save_torch(checkpoint, MODEL_PATH)
+    write_json(TRAIN_METRICS, train_metrics(run, checkpoint))
+    write_history(run.history)
+    n_images = run.train_images.shape[0] * cfg["epochs"] * cfg["ensemble"]
+    write_json(TRAIN_TIME, {"train_time": {"seconds": round(run.elapsed, 2),
+                                           "images_per_second": round(n_images / run.elapsed, 1)}})
+    shutil.rmtree(RESUME_PATH.parent, ignore_errors=True)
+    run.say(f"saved {MODEL_PATH} ({run.elapsed:.1f}s of training)")
+
+
+# ---------------------------------------------------------------- main
+
+
+def train(params: dict[str, Any]) -> None:
+    cfg = resolve_phases(params["train"])  # "30%" phase lengths become epochs, here and in the checkpoint
+    device, rank, world = setup_device(cfg)
+    run = load_run(cfg, device, rank, world)
+    pretrained = pretrained_record(cfg)
+    run.fingerprint = fingerprint(params, world)
+    resume = resume_run(run)
+    for index in range(len(run.members), cfg["ensemble"]):
+        in_progress = resume if resume is not None and resume["member"] == index else None
+        run.members.append(train_member(run, index, in_progress))
     if rank == 0:
-        checkpoint = {
-            "format": CHECKPOINT_FORMAT, "model": cfg["model"], "model_config": model_config(cfg),
-            "classes": meta["classes"], "image_size": meta["image_size"], "mean": meta["mean"], "std": meta["std"],
-            "state_dicts": members, "train": cfg, "pretrained": pretrained,
-            "epochs_completed": max(row["epoch"] for row in history),
-            "torch_version": torch.__version__.split("+")[0],
-        }
-        save_torch(checkpoint, MODEL_PATH)
-        last = history[-1]
-        metrics: dict[str, Any] = {"train": {"loss": round(last["train_loss"], 6), "acc": round(last["train_acc"], 6)}}
-        if val_images.shape[0]:
-            if len(members) > 1:  # the ensemble's own score, as evaluate will see it (without TTA)
-                ensemble = model_from_checkpoint(checkpoint)
-                if run.channels_last:
-                    ensemble.to(memory_format=torch.channels_last)
-                val_loss, val_acc = evaluate_split(ensemble, val_images, val_labels, max(cfg["batch_size"], 256),
-                                                   device, autocast_dtype(cfg["precision"], device), run.channels_last)
-            else:
-                val_loss, val_acc = last["val_loss"], last["val_acc"]
-            metrics["val"] = {"loss": round(val_loss, 6), "acc": round(val_acc, 6)}
-        metrics["epochs"] = checkpoint["epochs_completed"]
-        write_json(METRICS_PATH, metrics)
-        write_history(history)
-        n_images = train_images.shape[0] * cfg["epochs"] * cfg["ensemble"]
-        write_json(TIME_PATH, {"train_time": {"seconds": round(elapsed, 2),
-                                              "images_per_second": round(n_images / elapsed, 1)}})
-        shutil.rmtree(RESUME_PATH.parent, ignore_errors=True)
-        run.say(f"saved {MODEL_PATH} ({elapsed:.1f}s of training)")
+        write_outputs(run, pretrained)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()

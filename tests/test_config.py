@@ -8,18 +8,16 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stages.config import ParamsError, load_params, validate
+from repo_root import REPO_ROOT
+from stages.config import ParamsError, load_params, set_dotted, validate
 
-REPO_PARAMS = yaml.safe_load((Path(__file__).resolve().parent.parent / "params.yaml").read_text())
+REPO_PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
 
 
 def with_value(dotted: str, value: object) -> dict:
+    """A copy of the repo's params with one existing key changed (REPO_PARAMS itself stays as read)."""
     params = copy.deepcopy(REPO_PARAMS)
-    section = params
-    *parents, last = dotted.split(".")
-    for key in parents:
-        section = section[key]
-    section[last] = value
+    set_dotted(params, dotted, value)
     return params
 
 
@@ -88,3 +86,45 @@ def test_load_params_file_errors(tmp_path: Path) -> None:
     empty.write_text("")
     with pytest.raises(ParamsError, match="expected a mapping"):
         load_params(empty)
+
+
+PHASE_KEYS = ["train.averaging_start", "train.airnet.whiten_bias_epochs", "train.low_res.epochs"]
+
+
+@pytest.mark.parametrize("dotted", PHASE_KEYS)
+@pytest.mark.parametrize("value", [0, 2.7, 40, "0%", "30%", "12.5%", "100%"])
+def test_phase_lengths_take_epochs_or_a_percentage_of_the_run(dotted: str, value: object) -> None:
+    assert validate(with_value(dotted, value))
+
+
+@pytest.mark.parametrize("dotted", PHASE_KEYS)
+@pytest.mark.parametrize("value", ["130%", "-5%", "30", "30 %", "%", ".5%", "all", -1, float("nan"), True, None])
+def test_bad_phase_lengths_are_named(dotted: str, value: object) -> None:
+    with pytest.raises(ParamsError) as error:
+        validate(with_value(dotted, value))
+    assert str(error.value) == (f"{dotted}: {value!r}: expected a number of epochs >= 0 or a percentage of "
+                                "train.epochs such as '30%'")
+
+
+def test_phase_percentages_resolve_against_train_epochs() -> None:
+    from stages.config import phase_epochs, resolve_phases
+    assert phase_epochs("30%", 9) == 2.7  # exactly the float an epoch count of 2.7 is
+    assert phase_epochs("100%", 22) == 22 and phase_epochs("12.5%", 8) == 1 and phase_epochs("0%", 5) == 0
+    assert phase_epochs(6, 22) == 6 and type(phase_epochs(6, 22)) is int  # numbers stay as written
+    train = with_value("train.epochs", 9)["train"]
+    train["averaging_start"], train["airnet"]["whiten_bias_epochs"], train["low_res"]["epochs"] = "30%", "50%", 3
+    resolved = resolve_phases(train)
+    assert (resolved["averaging_start"], resolved["airnet"]["whiten_bias_epochs"], resolved["low_res"]["epochs"]) \
+        == (2.7, 4.5, 3)
+    assert train["averaging_start"] == "30%" and train["airnet"]["whiten_bias_epochs"] == "50%"  # not modified
+    assert list(resolved) == list(train) and resolved["airnet"]["widths"] == train["airnet"]["widths"]
+
+
+def test_low_res_relation_checks_the_resolved_length() -> None:
+    params = with_value("train.model", "mlp")
+    params["train"]["optimizer"] = "sgd"
+    params["train"]["low_res"].update(size=16, epochs="0%")  # no low-resolution epochs: nothing to refuse
+    assert validate(params)
+    params["train"]["low_res"]["epochs"] = "50%"
+    with pytest.raises(ParamsError, match="train.low_res: model 'mlp' takes one input size only"):
+        validate(params)

@@ -17,10 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from prepared_data import REPO_ROOT, tiny_params, write_prepared
+from prepared_data import tiny_params, write_prepared
+from repo_root import REPO_ROOT
 from stages.common import PipelineError, load_checkpoint
 from stages.config import load_params
-from stages.train import Muon, lr_factor, orthogonalize, train
+from stages.optim import Muon, lr_factor, orthogonalize
+from stages.train import train
 
 
 def md5(path: Path) -> str:
@@ -280,3 +282,20 @@ def test_low_resolution_refuses_what_cannot_work(workdir: Path, overrides: dict,
     tiny_params(workdir, **{"train.low_res.size": 16, "train.low_res.epochs": 1, **overrides})
     with pytest.raises(PipelineError, match=message):
         train(load_params())
+
+
+def test_phase_lengths_as_a_percentage_train_the_same_as_in_epochs(workdir: Path) -> None:
+    """"30%" of 9 epochs is 2.7 epochs, for every phase length: the same weights, history and even checkpoint bytes
+    (the checkpoint records the phases in epochs)."""
+    run = {"train.model": "airnet", "train.airnet.widths": [8, 16, 16], "train.epochs": 9, "train.batch_size": 120,
+           "train.averaging": "lookahead", "train.low_res.size": 20, "train.precision": "fp32"}
+    phases = ("train.averaging_start", "train.airnet.whiten_bias_epochs", "train.low_res.epochs")
+    outputs = ["models/model.pth", "metrics/history.csv", "metrics/train.json"]
+    tiny_params(workdir, **run, **{key: 2.7 for key in phases})
+    train(load_params())
+    in_epochs = [md5(workdir / p) for p in outputs]
+    tiny_params(workdir, **run, **{key: "30%" for key in phases})
+    train(load_params())
+    assert [md5(workdir / p) for p in outputs] == in_epochs
+    checkpoint = load_checkpoint(workdir / "models" / "model.pth")
+    assert checkpoint["model_config"]["whiten_bias_epochs"] == 2.7 and checkpoint["train"]["averaging_start"] == 2.7

@@ -1,0 +1,175 @@
+"""The optimizer side of training: the learning-rate schedule, the optimizers (SGD with its parameter groups, and
+Muon for conv filters), decoupled weight decay, and weight averaging (EMA or lookahead). The train stage and
+bench/profile_step.py both build their optimizers here, so a benchmark measures the step training runs."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from stages.models import autocast_dtype, bias_and_norm_parameters
+
+# ---------------------------------------------------------------- schedule and optimizers
+
+
+def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
+    """Learning-rate multiplier at `step` (0-based): linear warm-up from 0 over `warmup_steps`, then constant,
+    linear decay to 0, or cosine decay to 0 at `total_steps`."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+
+def orthogonalize(matrix: torch.Tensor, dtype: torch.dtype, steps: int = 3) -> torch.Tensor:
+    """An approximation of U V^T for matrix = U S V^T (all singular values pushed towards 1) by a quintic
+    Newton-Schulz iteration. The coefficients (Muon's) converge fast from a Frobenius-normalized start rather
+    than exactly; a few steps are enough for an optimizer update."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = matrix.to(dtype)
+    x = x / (x.norm() + 1e-7)
+    wide = x.shape[0] <= x.shape[1]
+    if not wide:
+        x = x.T
+    for _ in range(steps):
+        gram = x @ x.T
+        x = a * x + (b * gram + c * gram @ gram) @ x
+    return (x if wide else x.T).to(matrix.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """Momentum orthogonalized by Newton-Schulz (Keller Jordan's Muon, as in airbench94_muon), for conv filters.
+    Each update is the (Nesterov) momentum with all its singular values set to ~1, so every direction of a
+    filter bank moves at the same rate instead of a few dominant ones. The filters are held at a fixed norm
+    (sqrt of the output channels): BatchNorm follows each conv, so their scale carries no information, and
+    without it the effective step size would drift as the weights grow."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, momentum: float, nesterov: bool,
+                 dtype: torch.dtype) -> None:
+        super().__init__(params, {"lr": lr, "momentum": momentum, "nesterov": nesterov})
+        self.dtype = dtype
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:
+        for group in self.param_groups:
+            momentum = group["momentum"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros_like(p)
+                buffer = state["momentum_buffer"]
+                buffer.mul_(momentum).add_(p.grad)
+                direction = p.grad.add(buffer, alpha=momentum) if group["nesterov"] else buffer
+                p.mul_(math.sqrt(p.shape[0]) / p.norm().clamp_min(1e-12))
+                update = orthogonalize(direction.reshape(p.shape[0], -1), self.dtype).view_as(p)
+                p.add_(update, alpha=-group["lr"])
+
+
+def make_optimizers(model: nn.Module, train: dict[str, Any], device: torch.device) -> list[torch.optim.Optimizer]:
+    """SGD with two parameter groups: BatchNorm parameters get lr * bias_lr_scale (and weight decay divided by
+    it, so lr x wd stays the same), everything else the base rate. With decoupled weight decay the decay is
+    applied to the weights directly in `apply_weight_decay`, not through the gradient and momentum.
+    train.optimizer muon: the conv filters go to `Muon` instead (no weight decay: it holds their norm fixed).
+    Every group keeps its peak rate in "peak_lr"; `set_lr` scales all of them by the schedule."""
+    special = bias_and_norm_parameters(model)
+    # Frozen parameters stay in the groups too (SGD skips them while they have no gradient): airnet's stem bias
+    # trains only for the first epochs.
+    parameters = list(model.parameters())
+    # (the params check refuses muon for models without trainable conv filters)
+    filters = ([p for p in parameters if p.ndim == 4 and p.requires_grad] if train["optimizer"] == "muon" else [])
+    in_muon = {id(p) for p in filters}
+    scale, wd = train["bias_lr_scale"], train["weight_decay"]
+    coupled_wd = 0.0 if train["decoupled_weight_decay"] else wd
+    groups = [
+        {"params": [p for p in parameters if id(p) not in special and id(p) not in in_muon], "lr_scale": 1.0,
+         "wd": wd},
+        {"params": [p for p in parameters if id(p) in special], "lr_scale": scale, "wd": wd / scale},
+    ]
+    for group in groups:
+        group["weight_decay"] = coupled_wd / group["lr_scale"] if coupled_wd else 0.0
+        group["peak_lr"] = train["lr"] * group["lr_scale"]
+    optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(
+        [g for g in groups if g["params"]], lr=train["lr"], momentum=train["momentum"],
+        nesterov=train["nesterov"] and train["momentum"] > 0)]
+    if filters:
+        # bf16 Newton-Schulz where bf16 matmuls are native (it is only an update direction), fp32 elsewhere
+        dtype = autocast_dtype(train["precision"], device) or torch.float32
+        muon = Muon(filters, train["muon"]["lr"], train["muon"]["momentum"], nesterov=True,
+                    dtype=torch.float32 if dtype == torch.float16 else dtype)
+        muon.param_groups[0].update(peak_lr=train["muon"]["lr"], wd=0.0)
+        optimizers.append(muon)
+    return optimizers
+
+
+def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:
+    """Every group at its own peak rate times the schedule's factor, so the groups keep their ratios."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            group["lr"] = group["peak_lr"] * factor
+
+
+@torch.no_grad()
+def apply_weight_decay(optimizers: list[torch.optim.Optimizer]) -> None:
+    """Decoupled weight decay (SGDW): w <- w * (1 - lr_t * wd), the same for every group."""
+    for optimizer in optimizers:
+        for group in optimizer.param_groups:
+            factor = 1.0 - group["lr"] * group["wd"]
+            for p in group["params"]:
+                if p.requires_grad and p.ndim > 1 and factor != 1.0:  # biases and norm shifts are not decayed
+                    p.mul_(factor)
+
+
+# ---------------------------------------------------------------- weight averaging
+
+
+class WeightAverage:
+    """A moving average of all weights and BatchNorm statistics.
+    ema: updated every step with a constant decay; the average is what gets evaluated and saved.
+    lookahead: updated every LOOKAHEAD_EVERY steps with a decay that ramps up as (step / total)^3, and the
+    weights are pulled back to the average each time (and at the end of every epoch), as in the fast CIFAR-10
+    recipes: it moves fast early on and averages strongly at the end."""
+
+    LOOKAHEAD_EVERY = 5
+
+    def __init__(self, model: nn.Module, mode: str, decay: float, start_step: int, total_steps: int) -> None:
+        self.mode, self.decay, self.start_step, self.total_steps = mode, decay, start_step, total_steps
+        self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def _blend(self, model: nn.Module, decay: float, pull_back: bool) -> None:
+        for key, value in model.state_dict().items():
+            average = self.state[key]
+            if value.is_floating_point():
+                average.lerp_(value, 1.0 - decay)
+                if pull_back:
+                    value.copy_(average)
+            else:
+                average.copy_(value)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        """Called after optimizer step number `step` (1-based)."""
+        if step < self.start_step:
+            self.state = {k: v.detach().clone() for k, v in model.state_dict().items()}  # start from the weights
+        elif self.mode == "ema":
+            self._blend(model, self.decay, pull_back=False)
+        elif step % self.LOOKAHEAD_EVERY == 0:
+            self._blend(model, self._lookahead_decay(step), pull_back=True)
+
+    def _lookahead_decay(self, step: int) -> float:
+        return self.decay ** self.LOOKAHEAD_EVERY * (step / self.total_steps) ** 3
+
+    def end_of_epoch(self, model: nn.Module, step: int) -> None:
+        """Lookahead: blend in the steps since the last pull-back and pull back once more, so validation and the
+        saved model see the averaged weights. (Blending, not just pulling back: with only a few steps per epoch,
+        a plain pull-back would throw those steps away every epoch.)"""
+        if self.mode == "lookahead" and step >= self.start_step and step % self.LOOKAHEAD_EVERY:
+            self._blend(model, self._lookahead_decay(step), pull_back=True)
