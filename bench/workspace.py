@@ -20,6 +20,9 @@ import yaml
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR_JPEG_ZIP = (REPO_ROOT / ".." / "shared" / "datasets" / "cifar10-jpeg.zip").resolve()
+sys.path.insert(0, str(REPO_ROOT))
+
+from stages.config import set_dotted  # noqa: E402
 
 
 def machine() -> str:
@@ -41,15 +44,10 @@ def header(title: str) -> None:
 
 
 def set_params(root: Path, overrides: dict[str, Any]) -> None:
+    """The repository's params.yaml with `overrides` ({"train.lr": 0.1}: keys it has) written into `root`."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
     for dotted, value in overrides.items():
-        section = params
-        *parents, last = dotted.split(".")
-        for key in parents:
-            section = section[key]
-        if last not in section:
-            raise KeyError(f"unknown param {dotted}")
-        section[last] = value
+        set_dotted(params, dotted, value)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 

@@ -1,4 +1,5 @@
-"""Shared test setup: tests import `stages` from the repository root and run offline on the CPU."""
+"""Shared test setup: tests import `stages` from the repository root and run offline on the CPU, and the
+end-to-end tests share one pipeline run (the `baseline` fixture)."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ from pathlib import Path
 
 import pytest
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from repo_root import REPO_ROOT
+
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
+
+from pipeline_repo import Baseline, build_baseline  # noqa: E402  (it imports stages: after the line above)
 
 # Never let a test reach the network or a GPU by accident, and keep DVC quiet.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -20,3 +24,10 @@ os.environ.setdefault("PIPELINE_DEVICE", "cpu")
 @pytest.fixture
 def repo_root() -> Path:
     return REPO_ROOT
+
+
+@pytest.fixture(scope="session")
+def baseline(tmp_path_factory: pytest.TempPathFactory) -> Baseline:
+    """The pipeline run once on TINY params and committed, shared by every end-to-end test of the session. Treat
+    it as read-only: tests that change anything work on `baseline.repo.copy_to(...)`."""
+    return build_baseline(tmp_path_factory.mktemp("baseline") / "repo")

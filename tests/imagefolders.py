@@ -17,9 +17,9 @@ import numpy as np
 import yaml
 from PIL import Image
 
-from stages import download
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from repo_root import REPO_ROOT
+from stages import download, paths
+from stages.config import set_dotted
 
 PALETTE = [(230, 40, 40), (40, 200, 60), (50, 70, 220), (240, 220, 40), (200, 60, 200), (40, 210, 210)]
 
@@ -151,17 +151,18 @@ def make_cifar_tarball(path: Path, n_train: int = 50, n_test: int = 20, seed: in
     train_images, train_labels = download.synthetic_images(n_train, seed, "train")
     test_images, test_labels = download.synthetic_images(n_test, seed, "test")
     staging = path.parent / f".{path.name}.batches"
-    download.write_cifar_batches(staging / download.CIFAR10_DIR, train_images, train_labels, test_images,
+    folder = paths.CIFAR10_DIR.name  # the top folder of the official tarball
+    download.write_cifar_batches(staging / folder, train_images, train_labels, test_images,
                                  test_labels)
     with tarfile.open(path, "w:gz") as handle:
-        handle.add(staging / download.CIFAR10_DIR, download.CIFAR10_DIR)
+        handle.add(staging / folder, folder)
         for name, data in (extra or {}).items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             handle.addfile(info, io.BytesIO(data))
-    for file in (staging / download.CIFAR10_DIR).iterdir():
+    for file in (staging / folder).iterdir():
         file.unlink()
-    (staging / download.CIFAR10_DIR).rmdir()
+    (staging / folder).rmdir()
     staging.rmdir()
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -174,10 +175,6 @@ def write_params(directory: Path, **data: Any) -> dict[str, Any]:
     for nested keys, e.g. **{"synthetic.train_size": 40}); return the whole params dict."""
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
     for key, value in data.items():
-        section = params["data"]
-        *parents, last = key.split(".")
-        for parent in parents:
-            section = section[parent]
-        section[last] = value
+        set_dotted(params, f"data.{key}", value)
     (directory / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
     return params

@@ -6,8 +6,9 @@ of a few seconds (TINY) and commits. DVC runs from the interpreter's own bin fol
 with that folder first on PATH so the stages' `python -m stages.<name>` commands find the same Python, and with
 a fixed git identity so commits work where none is configured (CI).
 
-`baseline(tmp_path_factory)` builds one repository, runs the whole pipeline once and commits the result; it is
-built once per test session and shared by the test modules, which work on copies (`PipelineRepo.copy_to`).
+`build_baseline(path)` builds one repository, runs the whole pipeline once and commits the result; the session
+fixture `baseline` (conftest.py) builds it once per test session for every test module, which work on copies
+(`PipelineRepo.copy_to`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from repo_root import REPO_ROOT
+from stages.config import set_dotted
+
 BIN_DIR = Path(sys.executable).parent  # not resolved: a venv's python is a link out of the venv
 STAGES = ("download", "normalize", "train", "evaluate", "report")
 
@@ -136,16 +139,6 @@ class DvcRun:
         return set(re.findall(r"Stage '([^']+)' is cached - skipping run", self.output))
 
 
-def set_nested(params: dict[str, Any], dotted: str, value: Any) -> None:
-    *parents, leaf = dotted.split(".")
-    node = params
-    for key in parents:
-        node = node[key]
-    if leaf not in node:
-        raise KeyError(f"{dotted} is not in params.yaml")
-    node[leaf] = value
-
-
 def md5(path: Path) -> str:
     return hashlib.md5(path.read_bytes()).hexdigest()
 
@@ -197,7 +190,7 @@ class PipelineRepo:
     def set_params(self, overrides: dict[str, Any]) -> None:
         params = self.params()
         for key, value in overrides.items():
-            set_nested(params, key, value)
+            set_dotted(params, key, value)
         (self.path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False), encoding="utf-8")
 
     def md5(self, relative: str) -> str:
@@ -268,16 +261,8 @@ class Baseline:
     commit: str  # the commit holding its dvc.lock and metrics
 
 
-_baseline: Baseline | None = None
-
-
-def baseline(tmp_path_factory: pytest.TempPathFactory) -> Baseline:
-    """The pipeline run once on TINY params and committed; built once per session. Treat it as read-only:
-    tests that change anything work on `baseline(...).repo.copy_to(...)`."""
-    global _baseline
-    if _baseline is None:
-        repo = create_repo(tmp_path_factory.mktemp("baseline") / "repo")
-        first = repo.dvc("repro")
-        commit = repo.commit("baseline run")
-        _baseline = Baseline(repo, first, commit)
-    return _baseline
+def build_baseline(path: Path) -> Baseline:
+    """The pipeline at `path`, run once on TINY params and committed (conftest.py's session fixture `baseline`)."""
+    repo = create_repo(path)
+    first = repo.dvc("repro")
+    return Baseline(repo, first, repo.commit("baseline run"))

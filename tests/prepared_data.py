@@ -8,9 +8,9 @@ from typing import Any
 import torch
 import yaml
 
+from repo_root import REPO_ROOT
 from stages.common import save_torch, write_json
-
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from stages.config import set_dotted
 
 
 def make_split(n: int, classes: int, size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -48,10 +48,6 @@ def tiny_params(root: Path, **overrides: Any) -> dict[str, Any]:
                 "train.bias_lr_scale": 1.0, "train.averaging": "none", "evaluate.tta": 1, "evaluate.batch_size": 50}
     settings.update(overrides)
     for dotted, value in settings.items():
-        section = params
-        *parents, last = dotted.split(".")
-        for key in parents:
-            section = section[key]
-        section[last] = value
+        set_dotted(params, dotted, value)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params

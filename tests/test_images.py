@@ -11,10 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from imagefolders import image_bytes, quadrants_image, solid_image, with_exif_orientation
 from stages import images
 from stages.common import PipelineError
 from stages.images import ImageDecodeError, decode_image, decode_images, is_image_name, load_image
-from tests.imagefolders import image_bytes, quadrants_image, solid_image, with_exif_orientation
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec); the pinned version still has them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")

@@ -17,15 +17,16 @@ import pytest
 import torch
 from PIL import Image
 
+from imagefolders import (PALETTE, add_tar_member, image_bytes, make_image_folder, solid_image, tar_folder,
+                          write_params, zip_folder, zip_symlink)
+from repo_root import REPO_ROOT
 from stages import download, normalize
 from stages.common import PipelineError, load_split
-from tests.imagefolders import (PALETTE, add_tar_member, image_bytes, make_image_folder, solid_image, tar_folder,
-                                write_params, zip_folder, zip_symlink)
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec); the pinned version still has them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
 
-REAL_ZIP = Path(__file__).resolve().parent.parent.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
+REAL_ZIP = REPO_ROOT.parent / "shared" / "datasets" / "cifar10-jpeg.zip"
 SPLIT_LAYOUT = {"train": {"cat": 6, "dog": 6, "fox": 6}, "test": {"cat": 2, "dog": 2, "fox": 2}}
 
 

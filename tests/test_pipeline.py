@@ -1,7 +1,7 @@
 """End to end: `dvc repro` of the whole pipeline in temporary git repositories, on generated data.
 
-One baseline run (tests/pipeline_repo.py) is shared by the whole session; the module fixtures below each add
-one more run on a copy of it, and several tests check what that run did.
+One baseline run (the session fixture `baseline`, conftest.py) is shared by the whole session; the module
+fixtures below each add one more run on a copy of it, and several tests check what that run did.
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ from pathlib import Path
 import pytest
 import yaml
 
-import pipeline_repo
 from pipeline_repo import STAGES, Baseline, DvcRun, PipelineRepo
 
 pytestmark = pytest.mark.slow
@@ -30,17 +29,12 @@ EXPECTED_OUTPUTS = (
 PLOT_TITLES = ("Loss per epoch", "Accuracy per epoch", "Confusion matrix (test)", "Per-class test accuracy")
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory: pytest.TempPathFactory) -> Baseline:
-    return pipeline_repo.baseline(tmp_path_factory)
-
-
 # ---------------------------------------------------------------- the first run and a no-op rerun
 
 
-def test_first_repro_runs_every_stage_and_writes_every_output(base: Baseline) -> None:
-    assert base.first.ran == set(STAGES), base.first.output
-    root = base.repo.path
+def test_first_repro_runs_every_stage_and_writes_every_output(baseline: Baseline) -> None:
+    assert baseline.first.ran == set(STAGES), baseline.first.output
+    root = baseline.repo.path
     missing = [f for f in EXPECTED_OUTPUTS if not (root / f).is_file() or (root / f).stat().st_size == 0]
     assert not missing, f"missing or empty outputs: {missing}"
     assert any((root / "data/raw").rglob("*")), "data/raw is empty"
@@ -57,25 +51,25 @@ def test_first_repro_runs_every_stage_and_writes_every_output(base: Baseline) ->
     assert "accuracy" in report.lower()
 
 
-def test_model_is_a_self_describing_checkpoint(base: Baseline) -> None:
+def test_model_is_a_self_describing_checkpoint(baseline: Baseline) -> None:
     from stages.common import load_checkpoint
 
-    checkpoint = load_checkpoint(base.repo.path / "models/model.pth")
-    meta = json.loads((base.repo.path / "data/prepared/meta.json").read_text())
+    checkpoint = load_checkpoint(baseline.repo.path / "models/model.pth")
+    meta = json.loads((baseline.repo.path / "data/prepared/meta.json").read_text())
     assert checkpoint["model"] == "cnn"
     assert list(checkpoint["classes"]) == list(meta["classes"])
 
 
-def test_second_repro_runs_nothing(base: Baseline) -> None:
-    again = base.repo.dvc("repro")
+def test_second_repro_runs_nothing(baseline: Baseline) -> None:
+    again = baseline.repo.dvc("repro")
     assert again.ran == set(), again.output
     assert again.restored == set(), again.output
-    status = base.repo.dvc("status")
+    status = baseline.repo.dvc("status")
     assert "up to date" in status.output, status.output
 
 
-def test_fresh_clone_reproduces_every_output_bit_for_bit(base: Baseline, tmp_path: Path) -> None:
-    clone = base.repo.clone_to(tmp_path / "clone")
+def test_fresh_clone_reproduces_every_output_bit_for_bit(baseline: Baseline, tmp_path: Path) -> None:
+    clone = baseline.repo.clone_to(tmp_path / "clone")
     # The report compares with the metrics committed on `main` (report.baseline), a git input that DVC does not
     # track: give the clone the `main` the first run saw (the commit before the run, without metrics).
     clone.git("checkout", "-q", "-b", "rerun")
@@ -84,7 +78,7 @@ def test_fresh_clone_reproduces_every_output_bit_for_bit(base: Baseline, tmp_pat
     # rebuilt the very same model; forcing it makes every output file come from this run.
     rerun = clone.dvc("repro", "-f")
     assert rerun.ran == set(STAGES), rerun.output
-    expected = base.repo.reproducible_digests()
+    expected = baseline.repo.reproducible_digests()
     assert "models/model.pth" in expected and any(f.startswith("reports/") for f in expected)
     got = clone.reproducible_digests()
     assert sorted(got) == sorted(expected)
@@ -102,9 +96,9 @@ class BranchRun:
 
 
 @pytest.fixture(scope="module")
-def branch(base: Baseline, tmp_path_factory: pytest.TempPathFactory) -> BranchRun:
+def branch(baseline: Baseline, tmp_path_factory: pytest.TempPathFactory) -> BranchRun:
     """main holds the baseline run; branch `more-epochs` trains 3 epochs instead of 2 and commits the result."""
-    repo = base.repo.copy_to(tmp_path_factory.mktemp("branch") / "repo")
+    repo = baseline.repo.copy_to(tmp_path_factory.mktemp("branch") / "repo")
     repo.git("checkout", "-q", "-b", "more-epochs")
     repo.set_params({"train.epochs": 3})
     run = repo.dvc("repro")
@@ -197,8 +191,8 @@ class ImageFolderRuns:
 
 
 @pytest.fixture(scope="module")
-def image_folder(base: Baseline, tmp_path_factory: pytest.TempPathFactory) -> ImageFolderRuns:
-    repo = base.repo.copy_to(tmp_path_factory.mktemp("imagefolder") / "repo")
+def image_folder(baseline: Baseline, tmp_path_factory: pytest.TempPathFactory) -> ImageFolderRuns:
+    repo = baseline.repo.copy_to(tmp_path_factory.mktemp("imagefolder") / "repo")
     archive = repo.path / "data/sources/shapes.zip"
     write_image_zip(archive)
     repo.set_params({"data.source": "data/sources/shapes.zip"})
