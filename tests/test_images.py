@@ -1,9 +1,15 @@
 """stages.images: every supported format and mode to RGB by the documented rules, EXIF orientation, the resize
-rule, unreadable files (raise or skip), and the JPEG fast path giving the same pixels as Pillow."""
+rule, unreadable files (raise or skip), the JPEG fast path giving the same pixels as Pillow, and hostile files:
+formats we do not list, decompression bombs, thin strips, big photos (peak memory measured), special files."""
 
 from __future__ import annotations
 
 import io
+import os
+import subprocess
+import sys
+import textwrap
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +20,8 @@ from PIL import Image
 from imagefolders import image_bytes, quadrants_image, solid_image, with_exif_orientation
 from stages import images
 from stages.common import PipelineError
-from stages.images import ImageDecodeError, decode_image, decode_images, is_image_name, load_image
+from stages.images import (NOT_AN_IMAGE, DecodeLimits, ImageDecodeError, decode_image, decode_images, is_image_name,
+                           load_image)
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec); the pinned version still has them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -124,7 +131,7 @@ def test_jpeg_fast_path_matches_pillow(orientation: int) -> None:
     assert (fast.int() - pillow.int()).abs().max().item() <= 2
 
 
-def test_resize_shorter_side_then_centre_crop() -> None:
+def test_centre_square_then_resize() -> None:
     columns = np.tile(np.arange(35, dtype=np.uint8), (32, 1))  # pixel value = its column, 35 wide x 32 high
     decoded = decode_image(image_bytes(Image.fromarray(columns, "L"), "PNG"), 32, "wide.png")
     assert decoded.shape == (3, 32, 32)
@@ -133,6 +140,12 @@ def test_resize_shorter_side_then_centre_crop() -> None:
     bands[:, :32], bands[:, 32:64], bands[:, 64:] = RED, GREEN, BLUE
     middle = decode_image(image_bytes(Image.fromarray(bands, "RGB"), "PNG"), 32, "bands.png")
     assert (middle == torch.tensor(GREEN, dtype=torch.uint8).view(3, 1, 1)).all()
+    # The crop comes first: a 48 x 64 picture becomes its centre 48 x 48 square, which is then resized to 24.
+    array = np.random.default_rng(2).integers(0, 256, (48, 64, 3), dtype=np.uint8)
+    decoded = decode_image(image_bytes(Image.fromarray(array, "RGB"), "PNG"), 24, "photo.png")
+    square = torch.from_numpy(array).permute(2, 0, 1)[:, :, 8:56]
+    expected = images.F.resize(square, [24, 24], interpolation=images.InterpolationMode.BILINEAR, antialias=True)
+    assert torch.equal(decoded, expected)
 
 
 @pytest.mark.parametrize("size, shape", [((33, 17), 8), ((17, 33), 8), ((5, 3), 16), ((640, 480), 24)])
@@ -151,7 +164,7 @@ def test_upscaling_uses_bilinear_resize() -> None:
 
 
 @pytest.mark.parametrize("data, reason", [
-    (b"definitely not an image", "not a recognised image format"),
+    (b"definitely not an image", "not a JPEG, PNG, BMP, GIF, WebP or TIFF image"),
     (b"", "empty file"),
     (image_bytes(solid_image(RED, (40, 40), noise=30), "JPEG")[:300], "truncated"),
     (image_bytes(solid_image(RED, (40, 40), noise=30), "PNG")[:100], "truncated"),
@@ -168,7 +181,7 @@ def test_decode_images_raise_or_skip() -> None:
         decode_images(blobs, names, 8, "raise")
     decoded, kept, skipped = decode_images(blobs, names, 8, "skip")
     assert decoded.shape == (2, 3, 8, 8) and kept == [0, 2]
-    assert skipped == [{"file": "cat/bad.png", "reason": "not a recognised image format"}]
+    assert skipped == [{"file": "cat/bad.png", "reason": "not a JPEG, PNG, BMP, GIF, WebP or TIFF image"}]
 
 
 def test_decode_images_many_mixed_files_match_one_by_one() -> None:
@@ -195,3 +208,126 @@ def test_load_image_and_missing_file(tmp_path: Path) -> None:
     assert close(pixel(load_image(path, 8), 4, 4), BLUE, 3)
     with pytest.raises(PipelineError, match="missing.png: image file not found"):
         load_image(tmp_path / "missing.png", 8)
+
+
+# ---------------------------------------------------------------- hostile and unusual files
+
+
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n%%EOF\n"
+
+
+def test_a_postscript_file_named_jpg_never_reaches_ghostscript(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow alone would open this as EPS and run Ghostscript on it; our decoder asks only the listed formats."""
+    from PIL import EpsImagePlugin
+
+    assert Image.open(io.BytesIO(EPS)).format == "EPS"  # the danger is real: Pillow recognises it
+    monkeypatch.setattr(EpsImagePlugin, "Ghostscript", lambda *a, **k: pytest.fail("Ghostscript was run"))
+    with pytest.raises(ImageDecodeError, match=rf"^photo\.jpg: cannot read image \({NOT_AN_IMAGE}\)$"):
+        decode_image(EPS, 8, "photo.jpg")
+    _, kept, skipped = decode_images([EPS], ["photo.jpg"], 8, "skip")
+    assert kept == [] and skipped == [{"file": "photo.jpg", "reason": NOT_AN_IMAGE}]
+
+
+def jpeg_declaring(width: int, height: int) -> bytes:
+    """A small valid JPEG whose start-of-frame header is patched to declare width x height."""
+    data = bytearray(image_bytes(solid_image(RED, (16, 16)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = height.to_bytes(2, "big") + width.to_bytes(2, "big")
+    return bytes(data)
+
+
+@pytest.mark.parametrize("fmt", ["JPEG", "PNG"])
+def test_a_decompression_bomb_is_refused_before_decoding(fmt: str) -> None:
+    """65500 x 65500 would decode to 12.9 GB; the header is enough to refuse it, for JPEG as for Pillow's formats."""
+    if fmt == "JPEG":
+        data = jpeg_declaring(65500, 65500)
+    else:  # a PNG whose header chunk declares 65500 x 65500 (with a valid CRC; the data after it is never read)
+        data = bytearray(image_bytes(solid_image(RED, (16, 16)), "PNG"))
+        data[16:24] = (65500).to_bytes(4, "big") * 2
+        data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+        data = bytes(data)
+    message = r"^bomb: cannot read image \(65500x65500 pixels, over the limit of 90 megapixels per image"
+    with pytest.raises(ImageDecodeError, match=message):
+        decode_image(data, 32, "bomb")
+    with pytest.raises(ImageDecodeError, match=r"over the limit of 0.0002 megapixels"):
+        decode_image(image_bytes(solid_image(RED, (20, 20)), fmt), 8, "bomb", DecodeLimits(max_pixels=200))
+
+
+def test_a_file_over_the_byte_limit_is_refused(tmp_path: Path) -> None:
+    data = image_bytes(solid_image(RED, (64, 64), noise=40), "PNG")
+    limits = DecodeLimits(max_bytes=len(data) - 1)
+    with pytest.raises(ImageDecodeError, match=rf"^big.png: cannot read image \({len(data):,} bytes, over the limit"):
+        decode_image(data, 8, "big.png", limits)
+    (tmp_path / "big.png").write_bytes(data)
+    with pytest.raises(ImageDecodeError, match=r"big.png: cannot read image .*data.max_image_mb"):
+        load_image(tmp_path / "big.png", 8, limits)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_a_fifo_is_refused_without_blocking(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(PipelineError, match=r"pipe.png: not a regular file"):
+        load_image(tmp_path / "pipe.png", 8)
+
+
+def peak_memory_mb(code: str) -> float:
+    """Extra peak resident memory (MB) of running `code` in a fresh interpreter after its imports: the numbers
+    are the process's own, not estimates. The code gets `images`, `torch`, `np`, `Image`, `io` and `blob()`."""
+    program = textwrap.dedent("""
+        import io, resource, sys
+        import numpy as np, torch
+        from PIL import Image
+        from stages import images
+        torch.set_num_threads(1)
+        def blob(width, height, fmt):
+            ramp = np.linspace(0, 255, width, dtype=np.uint8)[None, :, None].repeat(height, 0).repeat(3, 2)
+            out = io.BytesIO(); Image.fromarray(ramp, "RGB").save(out, fmt, quality=90); return out.getvalue()
+        SETUP
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        CODE
+        print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
+    """)
+    setup, _, body = code.partition("---\n")
+    program = program.replace("SETUP", textwrap.indent(textwrap.dedent(setup), "").strip())
+    program = program.replace("CODE", textwrap.dedent(body).strip())
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent)
+    assert done.returncode == 0, done.stderr
+    return float(done.stdout.strip().splitlines()[-1])
+
+
+def test_a_thin_strip_costs_no_memory() -> None:
+    """100000 x 1 used to be scaled to 3.2 million x 32 before cropping (473 MB); now its 1 x 1 centre is resized."""
+    strip = image_bytes(solid_image(GREEN, (100_000, 1)), "PNG")
+    decoded = decode_image(strip, 32, "strip.png")
+    assert decoded.shape == (3, 32, 32) and (decoded == torch.tensor(GREEN, dtype=torch.uint8).view(3, 1, 1)).all()
+    extra = peak_memory_mb("""
+        strip = blob(100_000, 1, "PNG")
+        ---
+        images.decode_image(strip, 32, "strip.png")
+    """)
+    assert extra < 20, f"a 100000 x 1 strip took {extra:.0f} MB"
+
+
+def test_forty_phone_photos_decode_within_a_small_budget() -> None:
+    """40 JPEGs of 4000 x 3000 (12 MP, the README's pets example) at 32 px: at full size they would hold 1.4 GB;
+    libjpeg's reduced-scale decoding and resizing each photo as it comes keep the peak far below that."""
+    extra = peak_memory_mb("""
+        photo = blob(4000, 3000, "JPEG")
+        ---
+        out, kept, skipped = images.decode_images([photo] * 40, [f"{i}.jpg" for i in range(40)], 32)
+        assert out.shape == (40, 3, 32, 32) and not skipped
+    """)
+    assert extra < 150, f"40 photos of 12 MP took {extra:.0f} MB at peak"
+
+
+def test_reduced_scale_decoding_gives_the_same_picture() -> None:
+    """A big JPEG decoded at 1/8 scale and resized matches the full decode resized, up to JPEG-level noise (and
+    the crop snapping to the reduced grid: at most half a reduced pixel, 4 pixels of this 600 x 800 picture)."""
+    rows, cols = np.meshgrid(np.linspace(0, 1, 600), np.linspace(0, 1, 800), indexing="ij")
+    smooth = (np.stack([rows, cols, np.sin(6 * rows + 4 * cols) / 2 + 0.5], -1) * 255).astype(np.uint8)
+    data = image_bytes(Image.fromarray(smooth, "RGB"), "JPEG", quality=90)
+    reduced = decode_image(data, 48, "big.jpg")
+    full = images.resize_square(images.decode_jpeg(images._as_tensor(data)), 48)
+    assert reduced.shape == full.shape == (3, 48, 48)
+    assert (reduced.float() - full.float()).abs().mean().item() < 3
