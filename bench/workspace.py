@@ -26,16 +26,20 @@ from stages.config import set_dotted  # noqa: E402
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """The CPU model and its bf16/AMX flags (numbers compare only between runs on the same kind of host)."""
+    cpu, flags = platform.processor() or platform.machine(), set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == (platform.processor() or platform.machine()):
                 cpu = line.split(":", 1)[1].strip()
-                break
+            elif line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"python {platform.python_version()}")
+    wanted = ("avx512f", "avx512_bf16", "amx_bf16", "amx_tile")
+    present = ", ".join(flag for flag in wanted if flag in flags) or "none of " + ", ".join(wanted)
+    return (f"{cpu} (flags: {present}), {os.cpu_count()} cores, torch {torch.__version__}, "
+            f"{torch.get_num_threads()} threads, python {platform.python_version()}")
 
 
 def header(title: str) -> None:

@@ -1,10 +1,16 @@
 """Helpers every stage needs: clear errors, atomic and deterministic writes, checksums, seeding, device choice,
-the self-describing model checkpoint, and the code each stage runs (its import closure)."""
+the self-describing model checkpoint, and the code each stage runs (its import closure).
+
+A stage never ends in a traceback for a user's mistake or its machine's state: run_stage prints a PipelineError,
+and a failed file operation (OSError: disk full, no permission, ...), as one line `error: <file>: <reason>` and
+exits with status 2. The atomic writers name the output in such an error, not their temporary file, and remove
+that temporary file, so a failed write leaves the previous output as it was."""
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import errno
 import glob
 import hashlib
 import io
@@ -31,15 +37,41 @@ class PipelineError(Exception):
 
 
 def run_stage(main: Callable[[], None]) -> None:
-    """Run a stage's main(), turning PipelineError into a one-line message and exit status 2."""
+    """Run a stage's main(), turning a mistake (PipelineError) and a failed file operation (OSError: disk full, no
+    permission, read-only file system...) into one line `error: ...` and exit status 2."""
     try:
         main()
     except PipelineError as error:
         print(f"error: {error}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except OSError as error:
+        print(f"error: {describe_os_error(error)}", file=sys.stderr, flush=True)
+        sys.exit(2)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr, flush=True)
         sys.exit(130)
+
+
+# What to do about the failures a user can fix; any other OSError is reported with its own reason only.
+_OS_ERROR_ADVICE = {
+    errno.ENOSPC: "free some disk space and rerun",
+    errno.EACCES: "check the permissions of the file and its folder",
+    errno.EPERM: "check the permissions of the file and its folder",
+    errno.EROFS: "the file system is read-only: run the pipeline in a writable copy",
+}
+
+
+def describe_os_error(error: OSError) -> str:
+    """`<file>: <reason>; <what to do>` for a failed file operation (the file part only where the error names
+    one)."""
+    reason = error.strerror or str(error) or type(error).__name__
+    advice = _OS_ERROR_ADVICE.get(error.errno) if error.errno is not None else None
+    text = f"{reason}; {advice}" if advice else reason
+    names = [os.fsdecode(name) if isinstance(name, bytes) else str(name)
+             for name in (error.filename, error.filename2) if name is not None]
+    if len(names) == 2 and names[0] == names[1]:
+        names = names[:1]
+    return f"{' -> '.join(names)}: {text}" if names else text
 
 
 def log(message: str) -> None:
@@ -57,16 +89,39 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     for stale in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by a killed earlier write
         stale.unlink(missing_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as error:  # it names a random temporary file that was never made
+        error.filename = str(path)
+        raise
     os.close(fd)
     tmp = Path(tmp_name)
     try:
         yield tmp
         os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes files owner-only; outputs get normal permissions
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as error:
         tmp.unlink(missing_ok=True)
+        if isinstance(error, OSError):
+            _name_output(error, tmp, path)
         raise
+
+
+def _name_output(error: OSError, temporary: Path, output: Path) -> None:
+    """Make `error` name the output where it names the temporary path or a file inside it, or no file at all (a
+    write that runs out of space names none): the user knows the output, and the temporary file is gone."""
+    def renamed(name: Any) -> Any:
+        if name is None:
+            return str(output)
+        if not isinstance(name, (str, bytes, os.PathLike)):
+            return name  # a file descriptor
+        try:
+            return str(output / Path(os.fsdecode(name)).relative_to(temporary))
+        except ValueError:  # some other file
+            return name
+    error.filename = renamed(error.filename)
+    if error.filename2 is not None:
+        error.filename2 = renamed(error.filename2)
 
 
 @contextlib.contextmanager
@@ -80,13 +135,30 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     for kind in ("new", "old"):
         for stale in target.parent.glob(f".{glob.escape(target.name)}.{kind}-*"):
             shutil.rmtree(stale, ignore_errors=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.new-", dir=target.parent))
+    except OSError as error:  # it names a random temporary folder that was never made
+        error.filename = str(target)
+        raise
     os.chmod(staging, 0o777 & ~_UMASK)  # mkdtemp makes it private; an output folder should look like any other
     try:
         yield staging
-    except BaseException:
+    except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            _name_output(error, staging, target)
         raise
+    try:
+        _swap_in(staging, target)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)  # nothing left to remove once it has become `target`
+        if isinstance(error, OSError):  # moving folders aside or in: about `target`, whatever temporary names
+            error.filename, error.filename2 = str(target), None
+        raise
+
+
+def _swap_in(staging: Path, target: Path) -> None:
+    """Replace `target` by the complete folder `staging` (see atomic_folder)."""
     trash = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
     previous = trash / target.name
     if target.exists() or target.is_symlink():
@@ -96,7 +168,6 @@ def atomic_folder(target: str | Path) -> Iterator[Path]:
     except BaseException:
         if previous.exists() or previous.is_symlink():  # put the previous folder back rather than leave none
             os.replace(previous, target)
-        shutil.rmtree(staging, ignore_errors=True)
         raise
     finally:
         shutil.rmtree(trash, ignore_errors=True)
@@ -224,7 +295,9 @@ def make_checkpoint(*, model: str, model_config: dict[str, Any], classes: list[s
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load and check a model checkpoint written by the train stage (see make_checkpoint)."""
+    """Load and check a model checkpoint written by the train stage (see make_checkpoint): its format, the weights
+    (tensors by name), and every field that rebuilds and feeds the model (stages.config.check_checkpoint_fields),
+    so a wrong or crafted file gets one error naming the file and the field, never a crash later."""
     checkpoint = load_torch(path, "model checkpoint")
     if not isinstance(checkpoint, dict) or "format" not in checkpoint:
         raise PipelineError(f"{path}: not a checkpoint of this pipeline (no 'format' field)")
@@ -242,6 +315,15 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         raise PipelineError(f"{path}: checkpoint lacks {', '.join(missing)}")
     if not isinstance(checkpoint["state_dicts"], list) or not checkpoint["state_dicts"]:
         raise PipelineError(f"{path}: checkpoint 'state_dicts' must be a non-empty list of model weights")
+    for index, state_dict in enumerate(checkpoint["state_dicts"]):
+        if not isinstance(state_dict, dict) or not state_dict or not all(
+                isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state_dict.items()):
+            raise PipelineError(f"{path}: checkpoint 'state_dicts' item {index} must map parameter names to tensors")
+    from stages.config import check_checkpoint_fields  # imported here: stages.config imports this module
+    try:
+        check_checkpoint_fields(checkpoint)  # before any model is built: a crafted size is refused, not allocated
+    except PipelineError as error:
+        raise PipelineError(f"{path}: {error}") from None
     return checkpoint
 
 

@@ -12,7 +12,10 @@ data.source:
   top folder allowed). It is copied, without decoding, into one canonical uncompressed data/raw/images.zip
   (members `train|test|all/<class>/<path>`, sorted, fixed dates), so the same pictures always give the same bytes
   whatever the archive type, file order or timestamps. data.sha256, when set, must match the archive file; it
-  applies to archives only (a folder's content is tracked by DVC, since data/sources is a dependency).
+  applies to archives only (a folder's content is tracked by DVC, since data/sources is a dependency). A URL
+  source without data.sha256 is not tracked by DVC at all (a change at the URL does not rerun the pipeline): the
+  stage warns so, and prints the archive's SHA-256 to pin it with. The limits of data.limits (stages/ingest.py)
+  bound what an archive may unpack to.
 
 This module is the stage itself, with the two sources in the CIFAR-10 format (official and synthetic);
 stages/fetch.py downloads and verifies a URL, stages/ingest.py turns an image folder or archive into images.zip.
@@ -25,6 +28,7 @@ import lzma
 import os
 import pickle
 import posixpath
+import sys
 import tarfile
 import time
 import zlib
@@ -38,7 +42,7 @@ import torch
 from stages.common import PipelineError, atomic_folder, derived_seed, file_digest, log, run_stage, write_json
 from stages.config import load_params
 from stages.fetch import fetch
-from stages.ingest import checked_members, ingest, path_parts
+from stages.ingest import ArchiveLimits, checked_members, ingest, path_parts
 from stages.paths import CIFAR10_DIR, DOWNLOAD_DIR, IMAGES_ZIP, RAW_DIR, SOURCE_JSON, SOURCES_DIR
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # module attributes so tests can serve their own tarball
@@ -64,7 +68,7 @@ def download(data: dict[str, Any]) -> dict[str, Any]:
         elif source == "synthetic":
             info = _synthetic(data, staging)
         else:
-            info = _image_source(source, data["sha256"], staging)
+            info = _image_source(source, data["sha256"], staging, ArchiveLimits.from_params(data))
         write_json(staging / SOURCE_JSON.name, info)
     log(f"download: {source} -> {RAW_DIR}/ in {time.perf_counter() - started:.1f} s")
     return info
@@ -206,7 +210,7 @@ _IMAGES_OFFLINE = ("To run offline, copy the archive into data/sources/ and run 
                    "`dvc exp run -S data.source=synthetic`.")
 
 
-def _image_source(source: str, sha256: str | None, staging: Path) -> dict[str, Any]:
+def _image_source(source: str, sha256: str | None, staging: Path, limits: ArchiveLimits) -> dict[str, Any]:
     """An image folder or archive, local or from a URL, copied into the canonical images.zip by ingest."""
     info: dict[str, Any] = {"kind": "images", "source": source}
     expected = sha256.lower() if sha256 else None
@@ -222,17 +226,30 @@ def _image_source(source: str, sha256: str | None, staging: Path) -> dict[str, A
         path = _local_source(source)
     try:
         info["sha256"] = _source_sha256(path, source, expected)
-        info.update(ingest(path, source, staging / IMAGES_ZIP.name, sniff="://" in source))
+        if "://" in source and not expected and not _inside_sources(path):
+            _warn_untracked(source, info["sha256"])
+        info.update(ingest(path, source, staging / IMAGES_ZIP.name, sniff="://" in source, limits=limits))
     finally:
         if downloaded is not None:
             downloaded.unlink(missing_ok=True)
     return info
 
 
+def _inside_sources(path: Path) -> bool:
+    """Whether DVC tracks the file's content: dvc.yaml lists data/sources as the download stage's dependency."""
+    return Path(os.path.abspath(SOURCES_DIR)) in Path(os.path.abspath(path)).parents
+
+
+def _warn_untracked(url: str, digest: str) -> None:
+    print(f"warning: {url}: data.sha256 is not set, so DVC does not track this archive: when it changes at that "
+          f"URL, `dvc repro` will not rerun the pipeline. Pin the archive downloaded now with "
+          f"`dvc exp run -S data.sha256={digest}` (or set data.sha256: {digest} in params.yaml)",
+          file=sys.stderr, flush=True)
+
+
 def _local_source(source: str) -> Path:
     path = Path(source)
-    absolute, sources = Path(os.path.abspath(path)), Path(os.path.abspath(SOURCES_DIR))
-    if sources not in absolute.parents:
+    if not _inside_sources(path):
         raise PipelineError(
             f"data.source: {source!r} is not cifar10, synthetic, an http(s)/file URL or a path inside "
             f"{SOURCES_DIR}/. Local image folders and archives must live in {SOURCES_DIR}/ (copy them there, or "

@@ -5,7 +5,11 @@ beside `target`, resumed with a Range request (guarded by If-Range with the serv
 file that changed on the server is not spliced onto an old part), retried with exponential backoff on transient
 errors (connection reset or cut short, timeout, HTTP 408/429/5xx), checked against its checksum and only then
 renamed to `target`; a verified `target` is reused without a request. An unreachable host is not retried: the
-error ends with the caller's `offline_hint`, which says how to run without the network."""
+error ends with the caller's `offline_hint`, which says how to run without the network.
+
+Redirects are followed only to http(s) URLs, and never from https down to plain http (urllib alone would follow
+one to ftp://, and a downgrade would let anyone on the path change the file); a refused redirect names both
+URLs."""
 
 from __future__ import annotations
 
@@ -19,7 +23,8 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from urllib.parse import ParseResult, urlparse
+from typing import Any
+from urllib.parse import ParseResult, urljoin, urlparse
 
 from stages.common import PipelineError, file_digest, log
 from stages.images import progress
@@ -37,6 +42,40 @@ class _Transient(Exception):
 
 class _Offline(Exception):
     """The host cannot be reached at all (no DNS, connection refused, no route): retrying would not help."""
+
+
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """urllib's redirect handling, refusing redirects to anything but http(s) and from https to http."""
+
+    def http_error_302(self, req: urllib.request.Request, fp: Any, code: int, msg: str,
+                       headers: http.client.HTTPMessage) -> Any:
+        location = headers.get("Location") or headers.get("URI")
+        if location:  # urllib resolves a relative Location against the request's URL the same way
+            try:
+                check_redirect(req.full_url, urljoin(req.full_url, location), code)
+            except PipelineError:
+                fp.close()  # the redirect answer's own connection, which urllib closes when it follows one
+                raise
+        return super().http_error_302(req, fp, code, msg, headers)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
+
+
+def check_redirect(url: str, location: str, code: int) -> None:
+    """PipelineError unless a redirect from `url` to `location` keeps to http(s) without leaving https."""
+    old, new = urlparse(url).scheme.lower(), urlparse(location).scheme.lower()
+    if new not in ("http", "https"):
+        raise PipelineError(f"{url}: the server redirects (HTTP {code}) to {location}, which is not an http(s) "
+                            f"URL; only redirects to http and https are followed. Use a URL that serves the file "
+                            f"over http(s), or download it yourself and copy it into data/sources/")
+    if old == "https" and new == "http":
+        raise PipelineError(f"{url}: the server redirects (HTTP {code}) from https to plain http ({location}); "
+                            f"refusing the downgrade, which would let anyone on the network path change the file. "
+                            f"Use a URL that stays on https, or download it yourself and copy it into "
+                            f"data/sources/")
+
+
+_OPENER = urllib.request.build_opener(_SafeRedirects)
 
 
 def fetch(url: str, target: Path, checksum: tuple[str, str] | None, offline_hint: str) -> Path:
@@ -190,7 +229,7 @@ def _check_length(part: Path, received: int, total: int | None) -> None:
 
 def _open(url: str, headers: dict[str, str], part: Path) -> http.client.HTTPResponse | None:
     try:
-        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
+        return _OPENER.open(urllib.request.Request(url, headers=headers), timeout=TIMEOUT_S)
     except urllib.error.HTTPError as error:
         return _handle_http_error(url, error, headers, part)
     except urllib.error.URLError as error:

@@ -8,9 +8,10 @@ Decode rules
   from the file's content, not from its extension (the extension only decides which files of a folder are
   images), and only these decoders are ever asked: a PostScript file named `.jpg` is refused, never handed to
   Pillow's EPS plugin (which would run Ghostscript).
-- Limits (`DecodeLimits`, params `data.max_image_megapixels` and `data.max_image_mb`): an image file over the byte
-  limit, or whose header declares more pixels than the pixel limit, is refused before anything is decoded, for
-  every format alike (JPEGs included, which Pillow's own bomb check does not cover when torchvision decodes them).
+- Limits (`DecodeLimits`, params `data.limits.image_megapixels` and `data.limits.image_mb`): an image file over
+  the byte limit, or whose header declares more pixels than the pixel limit, is refused before anything is
+  decoded, for every format alike (JPEGs included, which Pillow's own bomb check does not cover when torchvision
+  decodes them).
 - JPEG files are decoded by libjpeg-turbo through `torchvision.io.decode_jpeg` (batched, on all cores); a JPEG it
   rejects, and every other format, goes through Pillow. Both give the same pixels (same library underneath).
   A JPEG at least twice the target size both ways (a phone photo for a 32 px data set) is decoded by Pillow at a
@@ -56,25 +57,16 @@ from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from stages.common import PipelineError
+from stages.imagefiles import (IMAGE_EXTENSIONS, MAX_BYTES, MAX_PIXELS, NOT_AN_IMAGE, PILLOW_FORMATS,  # noqa: F401
+                               is_image_name, to_rgb)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"})
 ON_ERROR = ("raise", "skip")
-
-# Pillow identifies formats by content; asking only these plugins keeps every other decoder (EPS runs Ghostscript,
-# and there are dozens of rarely used ones) out of reach of a file whatever its name.
-PILLOW_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "WEBP", "TIFF")
-NOT_AN_IMAGE = "not a JPEG, PNG, BMP, GIF, WebP or TIFF image"
-# Our own limit (DecodeLimits) is checked on every header, for every format; Pillow's global one would refuse
-# images above twice its default even where a user raised ours, and it does not see torchvision's JPEGs.
-Image.MAX_IMAGE_PIXELS = None
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _CHUNK = 256  # images per task: big enough for batched decode_jpeg, small enough to balance two threads
 _CHUNK_PIXELS = 16_000_000  # full-size pixels one task holds at once (48 MB as RGB): decode_jpeg batches stop there
 # Start-of-frame markers of every JPEG coding process (C4 = Huffman tables, C8 = reserved, CC = arithmetic tables)
 _JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 
 class ImageDecodeError(PipelineError):
@@ -91,18 +83,16 @@ class DecodeLimits:
     """What one image may cost, checked on its file size and header before anything is decoded. The defaults
     accept any ordinary photo (a 12 MP phone picture is 12 megapixels and a few MB) and refuse decompression
     bombs: a 65500 x 65500 JPEG of a few MB would decode to 12.9 GB."""
-    max_pixels: int = 90_000_000  # width x height; Pillow's own default limit is 89.5 million
-    max_bytes: int = 100 * 2**20
+    max_pixels: int = MAX_PIXELS
+    max_bytes: int = MAX_BYTES
 
     @classmethod
     def from_params(cls, data: dict) -> DecodeLimits:
-        """From params.yaml's data section (data.max_image_megapixels, data.max_image_mb)."""
-        return cls(max_pixels=round(data["max_image_megapixels"] * 1_000_000),
-                   max_bytes=round(data["max_image_mb"] * 2**20))
+        """From params.yaml's data.limits (image_megapixels, image_mb)."""
+        limits = data["limits"]
+        return cls(max_pixels=round(limits["image_megapixels"] * 1_000_000),
+                   max_bytes=round(limits["image_mb"] * 2**20))
 
-
-def is_image_name(name: str) -> bool:
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
 
 def progress(total: int, desc: str, unit: str = "img", **kwargs: object) -> tqdm:
@@ -180,35 +170,20 @@ def _check(data: bytes, limits: DecodeLimits) -> tuple[int, int] | str:
         return "empty file"
     if len(data) > limits.max_bytes:
         return (f"{len(data):,} bytes, over the limit of {limits.max_bytes / 2**20:g} MB per image file "
-                f"(data.max_image_mb)")
+                f"(data.limits.image_mb)")
     try:
         width, height = _header_size(data)
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... by file type
         return _clean_reason(error)
     if width * height > limits.max_pixels:
         return (f"{width}x{height} pixels, over the limit of {limits.max_pixels / 1e6:g} megapixels per image "
-                f"(data.max_image_megapixels)")
+                f"(data.limits.image_megapixels)")
     return width, height
 
 
 def _reducible(width: int, height: int, size: int) -> bool:
     """Whether libjpeg can decode this JPEG at 1/2 scale or less and still give at least size x size."""
     return min(width, height) >= 2 * size
-
-
-def _to_rgb(image: Image.Image) -> Image.Image:
-    mode = image.mode
-    if mode in _SIXTEEN_BIT_MODES:
-        values = np.asarray(image).astype(np.int64)
-        scaled = (np.clip(values, 0, 65535) * 255 + 32767) // 65535
-        return Image.fromarray(scaled.astype(np.uint8), mode="L").convert("RGB")
-    if mode == "F":
-        return image.convert("L").convert("RGB")
-    if mode in _ALPHA_MODES or (mode in ("P", "L", "RGB") and "transparency" in image.info):
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    return image.convert("RGB")
 
 
 def _decode_pil(data: bytes, draft_size: int | None = None) -> torch.Tensor:
@@ -218,7 +193,7 @@ def _decode_pil(data: bytes, draft_size: int | None = None) -> torch.Tensor:
             image.draft("RGB", (draft_size, draft_size))
         image.load()  # first frame of animated files
         image = ImageOps.exif_transpose(image)
-        rgb = _to_rgb(image)
+        rgb = to_rgb(image)
     return torch.from_numpy(np.array(rgb, dtype=np.uint8)).permute(2, 0, 1)
 
 
@@ -259,7 +234,7 @@ def read_image_file(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> 
     try:
         if path.stat().st_size > limits.max_bytes:
             raise ImageDecodeError(str(path), f"{path.stat().st_size:,} bytes, over the limit of "
-                                              f"{limits.max_bytes / 2**20:g} MB per image file (data.max_image_mb)")
+                                              f"{limits.max_bytes / 2**20:g} MB per image file (data.limits.image_mb)")
         return path.read_bytes()
     except OSError as error:
         raise PipelineError(f"{path}: cannot read file ({error.strerror or error})") from None

@@ -6,47 +6,100 @@ links are checked and then skipped, hidden and system files and non-images are i
 pictures are copied, without decoding, into one uncompressed zip with members `train|test|all/<class>/<path>`,
 sorted, with fixed dates: the same pictures always give the same bytes, whatever the archive type, file order or
 timestamps. The tar-safety checks (checked_members, check_member_name, check_link_target) serve every archive the
-download stage opens."""
+download stage opens.
+
+Limits (`ArchiveLimits`, from params `data.limits`): an archive holds at most `archive_files` members and unpacks
+to at most `archive_gb` all together; one picture (member or file) is at most `image_mb`; a zip member, a whole
+zip and a whole compressed tar unpack to at most `compression_ratio` times their packed size, checked only above
+1 MiB unpacked (small flat images compress a lot, harmlessly). Each source over a limit is refused by name, from
+the headers, before its pictures are read; no read goes past the size a header declares (zipfile and tarfile stop
+there), so a lying header cannot make a member bigger. A zip is read member by member; a tar lazily: an
+uncompressed one member by member, a compressed one (no random access) in one streaming pass that copies each
+picture into an unnamed temporary file beside images.zip, never into memory.
+
+Folder sources: only regular files are read. A link is followed when it resolves to a regular file or a folder (a
+linked class folder is a class like any other); anything else (a FIFO, a device, a socket, a broken link, a link
+loop) is skipped, counted in `ignored_files`, listed with its reason in `ignored_special_files` and warned about.
+Links inside archives are never followed (checked, then skipped). Names must be valid UTF-8 (images.zip stores
+UTF-8): a file or folder named in another encoding (made on a latin-1 system) is refused by name, to be renamed.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import lzma
 import os
 import posixpath
 import re
+import shutil
+import stat
+import sys
 import tarfile
+import tempfile
 import zipfile
 import zlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import IO, Any, Callable, Iterator
 
 from stages.common import PipelineError, file_digest
-from stages.images import IMAGE_EXTENSIONS, is_image_name, progress
+from stages.images import IMAGE_EXTENSIONS, DecodeLimits, is_image_name, progress
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _JUNK_FILES = frozenset({"thumbs.db", "desktop.ini"})
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 _EXPECTED_LAYOUT = ("train/<class>/<images> and test/<class>/<images> (optionally inside one top folder), "
                     "or only <class>/<images> folders")
+_RATIO_FLOOR = 1 << 20  # unpacked bytes below which the compression ratio is not checked
+_LINK_TARGET_BYTES = 4096  # a zip symlink's target is a path (at most PATH_MAX); its declared size is not trusted
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: the compressions tarfile opens
+_SPECIAL_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+                  stat.S_IFSOCK: "a socket"}
+_WARN_LISTED = 5  # special files named in the warning line; source.json lists them all
 
 Members = dict[str, Callable[[], bytes]]  # canonical member name -> a function that reads the picture's bytes
 
 
-def ingest(source: Path, label: str, images_zip: Path, sniff: bool) -> dict[str, Any]:
+@dataclass(frozen=True)
+class ArchiveLimits:
+    """What one image source may unpack to (params data.limits). The defaults refuse only bombs: CIFAR-10 as
+    JPEGs is 60,000 members and 150 MB, a 12 MP phone photo 3-8 MB."""
+    max_files: int = 1_000_000
+    max_total_bytes: int = 64 * 2**30
+    max_member_bytes: int = 100 * 2**20
+    max_ratio: float = 200.0
+
+    @classmethod
+    def from_params(cls, data: dict[str, Any]) -> ArchiveLimits:
+        """From params.yaml's data.limits (archive_files, archive_gb, image_mb, compression_ratio)."""
+        limits = data["limits"]
+        return cls(max_files=limits["archive_files"], max_total_bytes=round(limits["archive_gb"] * 2**30),
+                   max_member_bytes=DecodeLimits.from_params(data).max_bytes, max_ratio=limits["compression_ratio"])
+
+
+def ingest(source: Path, label: str, images_zip: Path, sniff: bool,
+           limits: ArchiveLimits = ArchiveLimits()) -> dict[str, Any]:
     """Copy the pictures of the folder or archive `source` (named `label` in messages) into `images_zip`; return
     what source.json records about them. `sniff`: tell the archive type from the content when its name has no
     known extension (a URL's last path part often has none)."""
-    with contextlib.ExitStack() as stack:  # keeps a zip source open until its members are copied
-        listing = _list_folder(source, label) if source.is_dir() else _list_archive(source, label, stack, sniff)
+    with contextlib.ExitStack() as stack:  # keeps an archive (and a tar's spool file) open until the copy is done
+        if source.is_dir():
+            listing = _list_folder(source, label, limits)
+        else:
+            listing = _list_archive(source, label, stack, sniff, limits, spool_dir=images_zip.parent)
+        _warn_special(listing)
         layout, members, classes = _layout(listing)
         with progress(len(members), "copy images") as bar:
             write_canonical_zip(images_zip, members, bar.update)
     splits = [name.split("/", 1)[0] for name in members]
     counts = {split: splits.count(split) for split in ("train", "test", "all") if split in splits}
-    return {"layout": layout, "classes": classes, "images": counts, "ignored_files": listing.ignored,
+    info = {"layout": layout, "classes": classes, "images": counts, "ignored_files": listing.ignored,
             "images_zip_sha256": file_digest(images_zip)}
+    if listing.special:  # only then: an ordinary source keeps the very same source.json
+        info["ignored_special_files"] = listing.special
+    return info
 
 
 def write_canonical_zip(path: Path, members: Members, advance: Callable[[int], object] = lambda n: None) -> None:
@@ -101,18 +154,72 @@ def path_parts(path: str) -> list[str]:
     return [part for part in path.replace("\\", "/").split("/") if part not in ("", ".")]
 
 
+class _Budget:
+    """One source checked against the limits as its headers come; the error names the archive or file and the
+    param to raise."""
+
+    def __init__(self, label: str, limits: ArchiveLimits, packed: int | None) -> None:
+        self.label = label
+        self.limits = limits
+        self.packed = packed  # the archive file's size, where the ratio applies to it as a whole
+        self.members = 0
+
+    def count(self, members: int = 1) -> None:
+        self.members += members
+        if self.members > self.limits.max_files:
+            raise PipelineError(f"{self.label}: holds more than {self.limits.max_files:,} members, over the limit "
+                                f"data.limits.archive_files; raise it if the archive is genuine")
+
+    def unpacked(self, total: int, member: str) -> None:
+        """`total`: what the archive unpacks to up to the end of `member`."""
+        if total > self.limits.max_total_bytes:
+            raise PipelineError(f"{self.label}: unpacks to more than {self.limits.max_total_bytes / 2**30:g} GB "
+                                f"(reached at member {member!r}), over the limit data.limits.archive_gb; raise it "
+                                f"if the archive is genuine")
+        if self.packed is not None and _over_ratio(total, self.packed, self.limits.max_ratio):
+            raise PipelineError(f"{self.label}: unpacks to {_size(total)} or more from {_size(self.packed)} "
+                                f"(reached at member {member!r}): {_ratio_refusal(total, self.packed, self.limits)}")
+
+    def picture(self, what: str, size: int, packed: int | None = None) -> None:
+        """One picture to be copied, named `what`; `packed`: its compressed size (a zip member)."""
+        if size > self.limits.max_member_bytes:
+            raise PipelineError(f"{what}: {_size(size)}, over the limit of {self.limits.max_member_bytes / 2**20:g} MB "
+                                f"per image file (data.limits.image_mb); raise it, or remove the file")
+        if packed is not None and _over_ratio(size, packed, self.limits.max_ratio):
+            raise PipelineError(f"{what}: unpacks to {_size(size)} from {_size(packed)}: "
+                                f"{_ratio_refusal(size, packed, self.limits)}")
+
+
+def _over_ratio(unpacked: int, packed: int, ratio: float) -> bool:
+    return unpacked > _RATIO_FLOOR and unpacked > ratio * max(packed, 1)
+
+
+def _ratio_refusal(unpacked: int, packed: int, limits: ArchiveLimits) -> str:
+    return (f"{unpacked / max(packed, 1):,.0f} times its packed size, over data.limits.compression_ratio "
+            f"{limits.max_ratio:g} (a decompression bomb?); raise data.limits.compression_ratio if the archive is "
+            f"genuine")
+
+
+def _size(nbytes: int) -> str:
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:.1f} GB"
+    return f"{nbytes / 2**20:.1f} MB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
+
+
 # ---------------------------------------------------------------- listing
 
 
 class _Listing:
     """The image files of a source: relative posix path -> a function that reads its bytes; the folders seen
-    (to find empty class folders); and how many files were ignored (hidden, system or not an image)."""
+    (to find empty class folders); how many files were ignored (hidden, system, not an image, not a regular
+    file) and, for the entries that are not regular files or folders, why."""
 
     def __init__(self, label: str) -> None:
         self.label = label
         self.files: Members = {}
         self.dirs: set[str] = set()
         self.ignored = 0
+        self.special: list[dict[str, str]] = []
 
     @staticmethod
     def wanted(path: str) -> bool:
@@ -123,6 +230,7 @@ class _Listing:
         if not self.wanted(path):
             self.ignored += 1
             return
+        self._check_utf8(path)
         name = "/".join(path_parts(path))
         if name in self.files:
             raise PipelineError(f"{self.label}: {name} appears twice in the archive")
@@ -131,47 +239,139 @@ class _Listing:
     def add_dir(self, path: str) -> None:
         parts = path_parts(path)
         if parts and not _hidden(parts):
+            self._check_utf8(path)
             self.dirs.add("/".join(parts))
+
+    def skip(self, path: str, reason: str) -> None:
+        self.ignored += 1
+        self.special.append({"file": _printable(path), "reason": reason})
+
+    def _check_utf8(self, path: str) -> None:
+        """Names come from the OS or a tar header with undecodable bytes kept as surrogates; zip needs UTF-8."""
+        try:
+            path.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PipelineError(f"{self.label}: {_printable(path)}: the name is not valid UTF-8 (made on a system "
+                                f"with another encoding, such as latin-1; the undecodable bytes are shown as \\x..);"
+                                f" rename it with UTF-8 characters only (for a folder, `convmv -f latin1 -t utf8 -r "
+                                f"--notest FOLDER` does it), since images.zip and the class names store UTF-8"
+                                ) from None
 
 
 def _hidden(parts: list[str]) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in parts)
 
 
-def _list_folder(root: Path, label: str) -> _Listing:
-    listing = _Listing(label)
-    for current, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(name for name in dirnames if not _hidden([name]))
-        relative = Path(current).relative_to(root).as_posix()
-        relative = "" if relative == "." else relative
-        if relative:
-            listing.add_dir(relative)
-        for filename in filenames:
-            file_path = Path(current) / filename
-            listing.add_file(posixpath.join(relative, filename), functools.partial(_read_file, file_path))
+def _printable(name: str) -> str:
+    """A name read with undecodable bytes (surrogate escapes) shown with those bytes as \\xNN."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def _warn_special(listing: _Listing) -> None:
+    if not listing.special:
+        return
+    shown = ", ".join(f"{entry['file']} ({entry['reason']})" for entry in listing.special[:_WARN_LISTED])
+    more = len(listing.special) - _WARN_LISTED
+    print(f"warning: {listing.label}: skipped {len(listing.special)} entries that are neither regular files nor "
+          f"folders (nor links to one): {shown}{f' and {more} more' if more > 0 else ''}; source.json lists them "
+          f"under ignored_special_files", file=sys.stderr, flush=True)
+
+
+# ---------------------------------------------------------------- folders
+
+
+def _list_folder(root: Path, label: str, limits: ArchiveLimits) -> _Listing:
+    """Walk the folder depth first in sorted order. Links are followed to regular files and folders only, never
+    into a folder that contains the link (a loop); hidden folders are not walked."""
+    listing, budget = _Listing(label), _Budget(label, limits, packed=None)
+    pending = [("", root, frozenset({_identity(os.stat(root))}))]
+    while pending:
+        relative, folder, ancestors = pending.pop()
+        subfolders = []
+        for entry in _entries(folder):
+            path = f"{relative}/{entry.name}" if relative else entry.name
+            if _hidden([entry.name]):
+                listing.ignored += 0 if entry.is_dir() else 1  # as before: hidden files count, hidden folders not
+                continue
+            target = _follow(entry, ancestors)
+            if isinstance(target, str):
+                listing.skip(path, target)
+            elif stat.S_ISDIR(target.st_mode):
+                listing.add_dir(path)
+                subfolders.append((path, Path(entry.path), ancestors | {_identity(target)}))
+            else:
+                if listing.wanted(path):
+                    budget.picture(_printable(entry.path), target.st_size)
+                listing.add_file(path, functools.partial(_read_file, Path(entry.path), limits.max_member_bytes))
+        pending.extend(reversed(subfolders))
     return listing
 
 
-def _read_file(path: Path) -> bytes:
+def _identity(info: os.stat_result) -> tuple[int, int]:
+    return info.st_dev, info.st_ino
+
+
+def _entries(folder: Path) -> list[os.DirEntry[str]]:
     try:
-        return path.read_bytes()
+        with os.scandir(folder) as scan:
+            return sorted(scan, key=lambda entry: entry.name)
     except OSError as error:
-        raise PipelineError(f"{path}: cannot read file ({error.strerror or error})") from None
+        raise PipelineError(f"{_printable(str(folder))}: cannot list folder ({error.strerror or error})") from None
 
 
-def _list_archive(path: Path, label: str, stack: contextlib.ExitStack, sniff: bool) -> _Listing:
-    """List an archive without extracting it: a zip is read member by member later; a tar (often compressed,
-    so without cheap random access) is read into memory in one pass. The type comes from the file name; for a
-    URL whose name has no known extension (`sniff`), from the content."""
+def _follow(entry: os.DirEntry[str], ancestors: frozenset[tuple[int, int]]) -> os.stat_result | str:
+    """The stat of the entry, or of what it links to, when that is a regular file or a folder outside the chain
+    of `ancestors`; otherwise why the entry is skipped. (os.stat, not entry.stat: only it has inode numbers on
+    Windows.) Nothing is opened, so a FIFO cannot block."""
+    link = entry.is_symlink()
+    try:
+        info = os.stat(entry.path)
+    except OSError as error:
+        if not link:
+            return f"cannot be read ({error.strerror or error})"
+        if error.errno == errno.ELOOP:
+            return "a link loop"
+        return "a broken link" if error.errno == errno.ENOENT else f"a link that cannot be followed ({error.strerror})"
+    if stat.S_ISREG(info.st_mode) or (stat.S_ISDIR(info.st_mode) and _identity(info) not in ancestors):
+        return info
+    kind = "a folder that contains it (a loop)" if stat.S_ISDIR(info.st_mode) else _SPECIAL_KINDS.get(
+        stat.S_IFMT(info.st_mode), "not a regular file")
+    return f"a link to {kind}" if link else kind
+
+
+def _read_file(path: Path, max_bytes: int) -> bytes:
+    """A regular file's bytes, at most `max_bytes`. Opened without blocking and checked again once open: the
+    entry may have been replaced since it was listed (a FIFO would block, /dev/zero never ends)."""
+    try:
+        with open(os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0)),
+                  "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise PipelineError(f"{_printable(str(path))}: no longer a regular file; rerun the download stage")
+            data = handle.read(max_bytes + 1)
+    except OSError as error:
+        raise PipelineError(f"{_printable(str(path))}: cannot read file ({error.strerror or error})") from None
+    if len(data) > max_bytes:
+        raise PipelineError(f"{_printable(str(path))}: grew over the limit of {max_bytes / 2**20:g} MB per image file "
+                            f"(data.limits.image_mb) while being read; raise it, or remove the file")
+    return data
+
+
+# ---------------------------------------------------------------- archives
+
+
+def _list_archive(path: Path, label: str, stack: contextlib.ExitStack, sniff: bool, limits: ArchiveLimits,
+                  spool_dir: Path) -> _Listing:
+    """List an archive without extracting it (its members are read when they are copied). The type comes from
+    the file name; for a URL whose name has no known extension (`sniff`), from the content."""
     lowered = path.name.lower()
     if lowered.endswith(".zip") or (sniff and zipfile.is_zipfile(path)):
         try:
             archive = stack.enter_context(zipfile.ZipFile(path))
         except (zipfile.BadZipFile, OSError) as error:
             raise PipelineError(f"{label}: not a readable zip archive ({error})") from None
-        return _list_zip(archive, label)
+        return _list_zip(archive, label, _Budget(label, limits, packed=path.stat().st_size))
     if lowered.endswith(_TAR_SUFFIXES) or (sniff and _is_tar(path)):
-        return _list_tar(path, label)
+        return _list_tar(path, label, stack, limits, spool_dir)
     raise PipelineError(f"{label}: unsupported archive type ({path.name}): expected a folder or a .zip, .tar, "
                         f".tar.gz or .tgz archive")
 
@@ -183,17 +383,24 @@ def _is_tar(path: Path) -> bool:
         return False
 
 
-def _list_zip(archive: zipfile.ZipFile, label: str) -> _Listing:
+def _list_zip(archive: zipfile.ZipFile, label: str, budget: _Budget) -> _Listing:
     listing = _Listing(label)
-    for member in archive.infolist():
+    members = archive.infolist()
+    budget.count(len(members))  # the central directory is read already; it costs the archive's size, no more
+    unpacked = 0
+    for member in members:
         name = check_member_name(member.filename, label)
         if _is_link_mode(member.external_attr >> 16):
-            target = _read_zip_member(archive, member, label).decode("utf-8", "replace")
+            target = _read_zip_member(archive, member, label, _LINK_TARGET_BYTES).decode("utf-8", "replace")
             check_link_target(name, target, label)
             listing.ignored += 1  # links inside the archive are not followed
         elif member.is_dir():
             listing.add_dir(name)
         else:
+            if listing.wanted(name):  # first: a member over a limit is named as such, not only the archive
+                budget.picture(f"{label}: member {member.filename!r}", member.file_size, member.compress_size)
+            unpacked += member.file_size
+            budget.unpacked(unpacked, member.filename)
             listing.add_file(name, functools.partial(_read_zip_member, archive, member, label))
     return listing
 
@@ -202,28 +409,72 @@ def _is_link_mode(mode: int) -> bool:
     return (mode & 0o170000) == 0o120000
 
 
-def _read_zip_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, label: str) -> bytes:
+def _read_zip_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, label: str, limit: int = -1) -> bytes:
+    """The member's bytes (at most `limit`): zipfile stops at the size the member declares, and checks its CRC."""
     try:
-        return archive.read(member)
+        with archive.open(member) as handle:
+            return handle.read(limit)
     except (zipfile.BadZipFile, RuntimeError, OSError, EOFError, NotImplementedError, zlib.error) as error:
         raise PipelineError(f"{label}: cannot read member {member.filename!r} ({error})") from None
 
 
-def _list_tar(path: Path, label: str) -> _Listing:
+def _list_tar(path: Path, label: str, stack: contextlib.ExitStack, limits: ArchiveLimits,
+              spool_dir: Path) -> _Listing:
+    """List a tar in one pass over its headers. The unpacked size so far is where the current member's data ends
+    in the uncompressed stream (headers included): tarfile frames members by the sizes their headers declare."""
     listing = _Listing(label)
     try:
-        with tarfile.open(path, "r:*") as archive:
-            for name, member in checked_members(archive, label):
-                if member.issym() or member.islnk():
-                    listing.ignored += 1  # links inside the archive are not followed
-                elif member.isdir():
-                    listing.add_dir(name)
-                elif member.isfile():
-                    data = archive.extractfile(member).read() if listing.wanted(name) else b""
-                    listing.add_file(name, functools.partial(bytes, data))
+        compressed = _is_compressed(path)
+        budget = _Budget(label, limits, packed=path.stat().st_size if compressed else None)
+        archive = stack.enter_context(tarfile.open(path, "r:*"))
+        spool = stack.enter_context(tempfile.TemporaryFile(dir=spool_dir)) if compressed else None
+        for name, member in checked_members(archive, label):
+            budget.count()
+            budget.unpacked(member.offset_data + member.size, member.name)
+            if member.issym() or member.islnk():
+                listing.ignored += 1  # links inside the archive are not followed
+            elif member.isdir():
+                listing.add_dir(name)
+            elif member.isfile() and not listing.wanted(name):
+                listing.ignored += 1
+            elif member.isfile():
+                budget.picture(f"{label}: member {member.name!r}", member.size)
+                listing.add_file(name, _tar_reader(archive, member, label, spool))
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
         raise PipelineError(f"{label}: not a readable tar archive ({error})") from None
     return listing
+
+
+def _is_compressed(path: Path) -> bool:
+    with open(path, "rb") as handle:
+        return handle.read(6).startswith(_COMPRESSED_MAGIC)
+
+
+def _tar_reader(archive: tarfile.TarFile, member: tarfile.TarInfo, label: str,
+                spool: IO[bytes] | None) -> Callable[[], bytes]:
+    """A reader of the member's bytes. From an uncompressed tar it reads later, seeking to the member; from a
+    compressed one (where seeking back means decompressing again from the start) the bytes are copied now, in
+    stream order, to the end of the `spool` file, and read back from there."""
+    if spool is None:
+        return functools.partial(_read_tar_member, archive, member, label)
+    spool.seek(0, os.SEEK_END)
+    start = spool.tell()
+    with archive.extractfile(member) as handle:
+        shutil.copyfileobj(handle, spool)
+    return functools.partial(_read_spooled, spool, start, member.size)
+
+
+def _read_tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo, label: str) -> bytes:
+    try:
+        with archive.extractfile(member) as handle:
+            return handle.read()
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise PipelineError(f"{label}: cannot read member {member.name!r} ({error})") from None
+
+
+def _read_spooled(spool: IO[bytes], start: int, size: int) -> bytes:
+    spool.seek(start)
+    return spool.read(size)
 
 
 # ---------------------------------------------------------------- layout

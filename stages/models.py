@@ -23,6 +23,8 @@ from torch import nn
 
 from stages.augment import tta_views
 from stages.common import PipelineError, cpu_supports_bf16, file_digest, load_torch
+# the architecture's settings as the checkpoint stores them; defined beside the schema that checks them on loading
+from stages.config import model_config_of as model_config  # noqa: F401  (re-exported)
 
 
 class Normalize(nn.Module):
@@ -218,14 +220,6 @@ BUILDERS = {
     "resnet18": lambda classes, size, cfg: ResNet18(classes, size, cfg["input_size"], cfg["freeze_backbone"]),
 }
 CONV_NETS = ("cnn", "airnet", "resnet18")
-
-
-def model_config(train: dict[str, Any]) -> dict[str, Any]:
-    """The architecture's own settings from the train params, as stored in the checkpoint."""
-    config = dict(train[train["model"]])
-    if train["model"] == "resnet18":
-        config["freeze_backbone"] = train["freeze_backbone"]
-    return config
 
 
 def build_model(name: str, config: dict[str, Any], num_classes: int, image_size: int,

@@ -9,31 +9,38 @@
   report shows.
 
 CIFAR-10 and synthetic data are 32x32 already (resized only when data.image_size differs); image folders are
-decoded by stages.images (rules in its docstring). A flat `<class>/*` folder is split into train and test here,
-seeded and stratified by data.test_fraction. The sample order is fixed (CIFAR batch order, or sorted file
-names), so the same inputs always give the same bytes.
+decoded by stages.images (rules in its docstring) within the limits of params `data.limits`, each member of
+images.zip read only when its chunk is decoded, so the encoded files are never all in memory. A flat
+`<class>/*` folder is split into train and test here, seeded and stratified by data.test_fraction. The sample
+order is fixed (CIFAR batch order, or sorted file names), so the same inputs always give the same bytes.
+Neither the train nor the test split may end up empty (data.on_error: skip could leave one without a readable
+image): that stops the stage here, not after training.
 """
 
 from __future__ import annotations
 
 import math
 import pickle
+import threading
 import time
 import zipfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import torch
 
 from stages.common import PipelineError, derived_seed, log, read_json, run_stage, save_torch, write_json
 from stages.config import load_params
-from stages.images import ImageDecodeError, decode_images, resize_square
+from stages.images import DecodeLimits, ImageDecodeError, decode_images, resize_square
 from stages.paths import CIFAR10_DIR, IMAGES_ZIP, META_JSON, SOURCE_JSON, TEST_SPLIT, TRAIN_SPLIT, VAL_SPLIT
 
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))  # the CIFAR-10 python format's file names
 SPLIT_FILES = {"train": TRAIN_SPLIT, "val": VAL_SPLIT, "test": TEST_SPLIT}
 _RESIZE_CHUNK = 2048  # images resized per call: bounds the temporary memory
+# What a damaged zip raises by case (RuntimeError: encrypted member; NotImplementedError: unknown compression)
+_ZIP_READ_ERRORS = (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error)
 
 
 def main() -> None:
@@ -57,6 +64,7 @@ def normalize(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
                             f"images); rerun the download stage")
     kept, held = stratified_split(train[1], data["val_fraction"], data["seed"], "val")
     splits = {"train": (train[0][kept], train[1][kept]), "val": (train[0][held], train[1][held]), "test": test}
+    require_images(splits, IMAGES_ZIP if kind == "images" else CIFAR10_DIR, source.get("source"), skipped)
     if settings["stats"] == "dataset":
         mean, std = channel_stats(splits["train"][0])
     else:
@@ -172,35 +180,53 @@ def _resize_all(images: torch.Tensor, size: int) -> torch.Tensor:
 # ---------------------------------------------------------------- image folders
 
 
+class ZipMembers(Sequence[bytes]):
+    """Members of an open zip archive, each read when decode_images asks for it (from its worker threads), so only
+    the chunks being decoded are in memory, never every encoded file at once. zipfile's members share one file
+    handle: its lock guards their seeks but not its count of open readers, so reads are serialized here (they
+    are fast next to decoding)."""
+
+    def __init__(self, path: Path, archive: zipfile.ZipFile, names: list[str]) -> None:
+        self._path = path
+        self._archive = archive
+        self._names = names
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def __getitem__(self, index: int) -> bytes:  # one member: decode_images never slices
+        name = self._names[index]
+        try:
+            with self._lock:
+                return self._archive.read(name)
+        except _ZIP_READ_ERRORS as error:
+            raise PipelineError(f"{self._path}: cannot read member {name!r} ({error}); rerun the download "
+                                f"stage") from None
+
+
 def load_image_zip(path: Path, size: int, data: dict[str, Any], source: dict[str, Any]) -> tuple[
         list[str], tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], list[dict[str, str]]]:
     """Decode the canonical images.zip (members train|test|all/<class>/<path>, written by stages/ingest.py).
     Returns (classes, train, test, skipped files); an `all/` layout is split by data.test_fraction here."""
     if not path.is_file():
         raise PipelineError(f"{path} is missing; rerun the download stage (dvc repro)")
+    limits = DecodeLimits.from_params(data)
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = sorted(name for name in archive.namelist() if not name.endswith("/"))
-            blobs = [archive.read(name) for name in names]
-    except (zipfile.BadZipFile, OSError, RuntimeError) as error:
+        archive = zipfile.ZipFile(path)
+    except _ZIP_READ_ERRORS as error:
         raise PipelineError(f"{path}: not a readable zip archive ({error}); rerun the download stage") from None
-    member_splits, member_classes = [], []
-    for name in names:
-        parts = name.split("/")
-        if len(parts) < 3 or parts[0] not in ("train", "test", "all"):
-            raise PipelineError(f"{path}: unexpected member {name!r} (expected train|test|all/<class>/<file>); "
-                                f"rerun the download stage")
-        member_splits.append(parts[0])
-        member_classes.append(parts[1])
-    if set(member_splits) not in ({"train", "test"}, {"all"}):
-        raise PipelineError(f"{path}: expected train/ and test/ members or only all/ members, found "
-                            f"{', '.join(sorted(set(member_splits)))}; rerun the download stage")
+    with archive:
+        names = sorted(name for name in archive.namelist() if not name.endswith("/"))
+        member_splits, member_classes = member_layout(path, names)
+        check_member_sizes(path, archive, names, limits)
+        try:
+            images, kept, skipped = decode_images(ZipMembers(path, archive, names), names, size, data["on_error"],
+                                                  limits=limits)
+        except ImageDecodeError as error:
+            raise PipelineError(f"{error}, in {path} (copied from {source.get('source')}); fix or remove the file, "
+                                f"or set data.on_error: skip to leave unreadable images out") from None
     classes = sorted(set(member_classes))
-    try:
-        images, kept, skipped = decode_images(blobs, names, size, data["on_error"])
-    except ImageDecodeError as error:
-        raise PipelineError(f"{error}, in {path} (copied from {source.get('source')}); fix or remove the file, "
-                            f"or set data.on_error: skip to leave unreadable images out") from None
     index = {name: number for number, name in enumerate(classes)}
     labels = torch.tensor([index[member_classes[i]] for i in kept], dtype=torch.int64)
     kept_splits = [member_splits[i] for i in kept]
@@ -218,6 +244,48 @@ def load_image_zip(path: Path, size: int, data: dict[str, Any], source: dict[str
         log(f"normalize: skipped {len(skipped)} unreadable images (listed in {META_JSON}), "
             f"e.g. {skipped[0]['file']}: {skipped[0]['reason']}")
     return classes, train, (images[test_idx], labels[test_idx]), skipped
+
+
+def member_layout(path: Path, names: list[str]) -> tuple[list[str], list[str]]:
+    """(split, class) of each member name train|test|all/<class>/<file>, checked."""
+    member_splits, member_classes = [], []
+    for name in names:
+        parts = name.split("/")
+        if len(parts) < 3 or parts[0] not in ("train", "test", "all"):
+            raise PipelineError(f"{path}: unexpected member {name!r} (expected train|test|all/<class>/<file>); "
+                                f"rerun the download stage")
+        member_splits.append(parts[0])
+        member_classes.append(parts[1])
+    if set(member_splits) not in ({"train", "test"}, {"all"}):
+        raise PipelineError(f"{path}: expected train/ and test/ members or only all/ members, found "
+                            f"{', '.join(sorted(set(member_splits)))}; rerun the download stage")
+    return member_splits, member_classes
+
+
+def check_member_sizes(path: Path, archive: zipfile.ZipFile, names: list[str], limits: DecodeLimits) -> None:
+    """The download stage copies no picture over data.limits.image_mb; a member over it (a images.zip made some
+    other way) is refused from its header, before it is read."""
+    for name in names:
+        declared = archive.getinfo(name).file_size
+        if declared > limits.max_bytes:
+            raise PipelineError(f"{path}: member {name!r} is {declared:,} bytes, over the limit of "
+                                f"{limits.max_bytes / 2**20:g} MB per image file (data.limits.image_mb); rerun "
+                                f"the download stage")
+
+
+def require_images(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], raw: Path, source: Any,
+                   skipped: list[dict[str, str]]) -> None:
+    """train fits the model and evaluate scores it: neither split may be empty (data.on_error: skip can leave one
+    without a single readable image)."""
+    for name in ("train", "test"):
+        if len(splits[name][1]):
+            continue
+        because = ""
+        if skipped:
+            because = (f": {len(skipped)} unreadable images were skipped (data.on_error: skip), e.g. "
+                       f"{skipped[0]['file']}: {skipped[0]['reason']}")
+        raise PipelineError(f"{raw}: the {name} split has no images{because}; it needs at least one: fix or replace "
+                            f"the unreadable files, or add pictures, in {source}")
 
 
 # ---------------------------------------------------------------- splits and statistics

@@ -5,7 +5,8 @@ metrics with a baseline git revision (`report.baseline`, default main) when that
 
 Everything is deterministic (same inputs -> same bytes): no timestamps, PNGs without the software tag, fixed
 dpi, samples chosen by rule rather than at random. The folder is built in a temporary directory and swapped in
-at the end, so a failure leaves the previous report untouched.
+at the end, so a failure leaves the previous report untouched. Class names are text whatever they look like
+(`None`, `NA`, `00` are classes, not a missing value or a number).
 """
 
 from __future__ import annotations
@@ -165,17 +166,23 @@ class Inputs:
     images: Any  # uint8 tensor N x 3 x S x S
 
 
-def read_csv(path: Path, what: str, columns: list[str]) -> pd.DataFrame:
+def read_csv(path: Path, what: str, columns: list[str], text_columns: tuple[str, ...] = ()) -> pd.DataFrame:
+    """A CSV file an earlier stage wrote, which must have `columns`. The `text_columns` (class names) are read as
+    written: pandas would read the classes `None` and `NA` as missing values and `00`, `01` as the numbers 0, 1."""
     if not path.is_file():
         raise PipelineError(f"{path}: {what} not found; run the stage that writes it first (dvc repro)")
     try:
         frame = pd.read_csv(path)
+        missing = [c for c in columns if c not in frame.columns]
+        if missing:
+            raise PipelineError(f"{path}: {what} lacks the column(s) {', '.join(missing)}; "
+                                f"expected {', '.join(columns)}")
+        if text_columns:
+            text = pd.read_csv(path, usecols=list(text_columns), dtype=str, keep_default_na=False)
+            for column in text_columns:
+                frame[column] = text[column]
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
         raise PipelineError(f"{path}: {what} is not a readable CSV file ({error})") from None
-    missing = [c for c in columns if c not in frame.columns]
-    if missing:
-        raise PipelineError(f"{path}: {what} lacks the column(s) {', '.join(missing)}; "
-                            f"expected {', '.join(columns)}")
     return frame
 
 
@@ -187,8 +194,9 @@ def read_inputs() -> Inputs:
     test_metrics = read_json(TEST_METRICS, "test metrics")
     read_json(PER_CLASS_JSON, "per-class metrics")  # a dependency of the stage: fail early if it is missing
     history = read_csv(HISTORY_CSV, "training history", ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"])
-    per_class = read_csv(PER_CLASS_CSV, "per-class accuracy", ["class", "accuracy", "count"])
-    predictions = read_csv(PREDICTIONS_CSV, "test predictions", ["index", "actual", "predicted", "confidence"])
+    per_class = read_csv(PER_CLASS_CSV, "per-class accuracy", ["class", "accuracy", "count"], ("class",))
+    predictions = read_csv(PREDICTIONS_CSV, "test predictions", ["index", "actual", "predicted", "confidence"],
+                           ("actual", "predicted"))
     images, _labels = load_split(TEST_SPLIT)
 
     lookup = {name: i for i, name in enumerate(classes)}

@@ -5,8 +5,12 @@ metrics/train_time.json (wall-clock numbers live only there, so every other outp
 The whole training split sits in memory as one uint8 tensor (on the GPU when there is one); each epoch draws a
 seeded permutation and augments whole batches at once. A resume checkpoint is written after every epoch to
 models/resume/ (not a DVC output, so DVC does not delete it before a rerun); it is bound to a fingerprint of the
-params and data and is used only when both match. Runs under torchrun (DistributedDataParallel) when
-train.nproc > 1. The optimizers, the schedule and weight averaging live in stages/optim.py."""
+params and data and is used only when both match. One that cannot be read (truncated, damaged) is ignored with a
+line saying so: the run starts afresh and gives the same bytes as without it. Runs under torchrun
+(DistributedDataParallel) when train.nproc > 1, one process per CUDA GPU (more processes than GPUs are refused
+before launching) or CPU processes with gloo; a rank that fails reports its own one-line error, which is the one
+line the stage prints, instead of torchrun's summary of failed processes. The optimizers, the schedule and weight
+averaging live in stages/optim.py."""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,17 +46,44 @@ from stages.paths import (HISTORY_CSV, META_JSON, MODEL_PATH, RESUME_PATH, TRAIN
 
 HISTORY_COLUMNS = ("member", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
 WHITENING_SAMPLE = 5000  # images used to estimate the airnet stem's patch covariance
+RESUME_FIELDS = frozenset({"fingerprint", "member", "members", "epoch", "elapsed", "history", "model", "optimizers",
+                           "average"})  # what save_resume writes
 
 
 # ---------------------------------------------------------------- distributed
 
 
+def check_processes(nproc: int) -> None:
+    """Before launching: DistributedDataParallel on CUDA runs one process per GPU, and gloo cannot reduce MPS
+    tensors, so train.nproc must fit the device that pick_device chooses."""
+    device = pick_device()
+    if device.type == "cuda" and nproc > torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise PipelineError(f"train.nproc: {nproc} processes, but this machine has {count} CUDA GPU"
+                            f"{'' if count == 1 else 's'} and each process needs its own; set train.nproc to at most "
+                            f"{count} (or PIPELINE_DEVICE=cpu to train in CPU processes)")
+    if device.type == "mps":
+        raise PipelineError(f"train.nproc: {nproc} processes cannot share an MPS device; set train.nproc: 1 "
+                            f"(or PIPELINE_DEVICE=cpu to train in CPU processes)")
+
+
 def relaunch_under_torchrun(nproc: int) -> None:
-    """train.nproc > 1: run this same stage under torchrun, one process per worker, and exit with its status."""
+    """train.nproc > 1: run this same stage under torchrun, one process per worker, and exit with its status.
+    The processes' stderr is held back until they end: when one failed with its own one-line `error:`, that line
+    is this stage's error (torchrun's report of failed processes would bury it); anything else, a traceback
+    included, is shown as it was written."""
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "stages.train"]
     log(f"train.nproc={nproc}: {' '.join(command[1:])}")
-    sys.exit(subprocess.call(command))
+    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as stderr:
+        status = subprocess.call(command, stderr=stderr)
+        stderr.seek(0)
+        captured = stderr.read()
+    errors = [line for line in captured.splitlines() if line.startswith("error: ")]  # run_stage's lines
+    if status != 0 and errors:
+        raise PipelineError(errors[0].removeprefix("error: "))
+    sys.stderr.write(captured)
+    sys.exit(status)
 
 
 def init_distributed(device: torch.device) -> tuple[int, int]:
@@ -208,9 +240,18 @@ def resume_run(run: Run) -> dict[str, Any] | None:
     and training seconds go into `run`; the member in progress resumes from it in `train_member`."""
     if not RESUME_PATH.is_file():
         return None
-    state = load_torch(RESUME_PATH, "resume checkpoint")
+    try:
+        state = load_torch(RESUME_PATH, "resume checkpoint")
+    except PipelineError as error:  # truncated, damaged or unreadable: it only saves time, so start afresh
+        run.say(f"ignoring {RESUME_PATH}: {str(error).removeprefix(f'{RESUME_PATH}: ')}; training from the start "
+                f"(the file is replaced after the first epoch)")
+        return None
     if not isinstance(state, dict) or state.get("fingerprint") != run.fingerprint:
         run.say(f"ignoring {RESUME_PATH}: it belongs to other params or data")
+        return None
+    missing = sorted(RESUME_FIELDS - set(state))
+    if missing:
+        run.say(f"ignoring {RESUME_PATH}: it lacks {', '.join(missing)}; training from the start")
         return None
     run.say(f"resuming after epoch {state['epoch']}"
             + (f" of member {state['member'] + 1}" if run.cfg["ensemble"] > 1 else "") + f" from {RESUME_PATH}")
@@ -521,6 +562,7 @@ def main() -> None:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS reads it when CUDA starts
     nproc = params["train"]["nproc"]
     if nproc > 1 and "WORLD_SIZE" not in os.environ:
+        check_processes(nproc)
         relaunch_under_torchrun(nproc)
     train(params)
 

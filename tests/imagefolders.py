@@ -131,6 +131,41 @@ def add_tar_member(archive: Path, name: str, data: bytes = b"x", kind: bytes = t
     return archive
 
 
+def zip_of(archive: Path, members: dict[str, bytes]) -> Path:
+    """A deflated zip archive of in-memory files {name: bytes}."""
+    with zipfile.ZipFile(archive, "w", compression=zipfile.ZIP_DEFLATED) as handle:
+        for name, data in members.items():
+            handle.writestr(name, data)
+    return archive
+
+
+def tar_of(archive: Path, members: dict[str, bytes], compression: str = "gz", **tar_args: Any) -> Path:
+    """A tar archive of in-memory files {name: bytes}; `tar_args` go to tarfile.open (e.g. format=tarfile.GNU_FORMAT,
+    encoding="latin-1" for a tar made on a latin-1 system)."""
+    with tarfile.open(archive, f"w:{compression}" if compression else "w", **tar_args) as handle:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            handle.addfile(info, io.BytesIO(data))
+    return archive
+
+
+def zip_declaring_size(archive: Path, name: str, declared: int) -> Path:
+    """Rewrite the uncompressed size that zip `archive` declares for member `name` (in its local header and its
+    central directory entry), as a hostile archive would, to test that readers do not trust it."""
+    raw = bytearray(archive.read_bytes())
+    with zipfile.ZipFile(archive) as handle:
+        local = handle.getinfo(name).header_offset
+    central = raw.find(b"PK\x01\x02")
+    while raw[central + 46:central + 46 + len(name.encode())] != name.encode():
+        central = raw.find(b"PK\x01\x02", central + 1)
+        assert central >= 0, f"{name} is not in {archive}"
+    for size_field in (local + 22, central + 24):
+        raw[size_field:size_field + 4] = declared.to_bytes(4, "little")
+    archive.write_bytes(bytes(raw))
+    return archive
+
+
 def zip_symlink(archive: Path, name: str, target: str) -> Path:
     """Append a unix symlink member `name` -> `target` to a zip archive."""
     info = zipfile.ZipInfo(name)

@@ -128,3 +128,122 @@ def test_low_res_relation_checks_the_resolved_length() -> None:
     params["train"]["low_res"]["epochs"] = "50%"
     with pytest.raises(ParamsError, match="train.low_res: model 'mlp' takes one input size only"):
         validate(params)
+
+
+# ---------------------------------------------------------------- relations that crashed a stage after the check
+
+
+def with_values(**dotted: object) -> dict:
+    """A copy of the repo's params with several keys changed; `__` in an argument name stands for a dot."""
+    params = copy.deepcopy(REPO_PARAMS)
+    for key, value in dotted.items():
+        set_dotted(params, key.replace("__", "."), value)
+    return params
+
+
+CNN_SIX_BLOCKS = {"train__model": "cnn", "train__optimizer": "sgd", "train__cnn__channels": [8] * 6}
+
+
+@pytest.mark.parametrize("changes, message", [
+    # 64-bit overflow in torch.Generator.manual_seed(seed * 1_000_003 + epoch)
+    ({"train__seed": 19_000_000_000_000}, "train.seed: expected a value <= 4294967295, got 19000000000000"),
+    ({"data__seed": 2**32}, "data.seed: expected a value <= 4294967295, got 4294967296"),
+    ({"train__seed": 2**32 - 2, "train__ensemble": 3},
+     "train.seed: ensemble member 3 would train with seed 4294967296 (train.seed + member index); expected "
+     "train.seed + train.ensemble - 1 <= 4294967295"),
+    ({"data__seed": 10**5000}, "data.seed: expected a value <= 4294967295, got an integer of 16610 bits"),
+    # "Output size is too small" in the first forward pass
+    ({"data__image_size": 8, "train__augment__translate": 2, "train__augment__cutout": 8},
+     "data.image_size: 8 px is too small for airnet, which needs at least 9 px (a 2x2 stem, then 3 blocks that "
+     "halve the image: train.airnet.widths)"),
+    ({"train__low_res__size": 8},
+     "train.low_res.size: 8 px is too small for airnet, which needs at least 9 px (a 2x2 stem, then 3 blocks that "
+     "halve the image: train.airnet.widths); expected 9 to 31, or 0 (off)"),
+    ({**CNN_SIX_BLOCKS, "train__low_res__size": 24},
+     "train.low_res.size: 24 px is too small for cnn, which needs at least 32 px (5 2x2 max-pools: "
+     "train.cnn.channels); set it to 0 (off)"),
+    # reflect padding maps an index once: shifts of image_size or more read wrong pixels or out of range
+    ({"data__image_size": 12, "train__augment__translate": 12},
+     "train.augment.translate: 12 px does not fit 12 px images (data.image_size); expected at most 11"),
+    ({"data__image_size": 16, "train__augment__cutout": 17},
+     "train.augment.cutout: a 17 px square is larger than the 16 px images (data.image_size); expected at most 16"),
+    # sizes that would allocate tens of GB (or fail to) when the model is built
+    ({"train__airnet__widths": [64, 256_000_000, 256]},
+     "train.airnet.widths: [64, 256000000, 256] on 32 px images (data.image_size) gives airnet "),
+    ({"train__model": "mlp", "train__optimizer": "sgd", "train__low_res__size": 0, "data__image_size": 1024},
+     "train.mlp.hidden: [1024, 512] on 1024 px images (data.image_size) gives mlp 3,221,752,322 parameters; "
+     "expected at most 1,000,000,000 in all"),
+    ({"train__model": "resnet18", "train__optimizer": "sgd", "train__low_res__size": 0, "train__ensemble": 100},
+     "train.ensemble: 100 members of resnet18 have 11,177,538 parameters per member, 1,117,753,800 for 100"),
+    ({"train__cnn__channels": [4] * 65}, "train.cnn.channels: expected at most 64 entries, got 65"),
+    ({"data__synthetic__train_size": 10**9}, "data.synthetic.train_size: expected a value <= 1000000"),
+])
+def test_relations_that_would_crash_later_are_named(changes: dict, message: str) -> None:
+    with pytest.raises(ParamsError) as error:
+        validate(with_values(**changes))
+    assert str(error.value).startswith(message)
+
+
+def test_the_boundaries_of_the_relations_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The largest seeds, the smallest low-res size, the largest shift and cutout are accepted and train."""
+    from prepared_data import tiny_params, write_prepared
+    from stages.config import SEED_MAX
+    from stages.train import train
+
+    monkeypatch.chdir(tmp_path)
+    write_prepared(tmp_path, n_train=64, n_val=16, n_test=16, size=12)
+    tiny_params(tmp_path, **{
+        "data.image_size": 12, "data.seed": SEED_MAX, "train.seed": SEED_MAX - 1, "train.ensemble": 2,
+        "train.model": "airnet", "train.airnet.widths": [8, 8, 8], "train.low_res.size": 9,
+        "train.low_res.epochs": 1, "train.augment.translate": 11, "train.augment.cutout": 12, "train.epochs": 2})
+    train(load_params())
+    assert (tmp_path / "models" / "model.pth").is_file()
+
+
+@pytest.mark.parametrize("dotted, value, key", [
+    ("train.seed", 19_000_000_000_000, "train.seed"),
+    ("train.low_res.size", 4, "train.low_res.size"),
+    ("train.augment.translate", 16, "train.augment.translate"),
+    ("train.cnn.channels", [8, 2_000_000_000, 8], "train.cnn.channels"),
+])
+def test_the_train_stage_stops_with_one_line(tmp_path: Path, dotted: str, value: object, key: str) -> None:
+    """As a process: one `error:` line naming the key, exit status 2, no traceback, the old model kept."""
+    import os
+    import subprocess
+    import sys
+
+    from prepared_data import tiny_params, write_prepared
+
+    write_prepared(tmp_path, size=16 if dotted == "train.augment.translate" else 32)
+    tiny_params(tmp_path, **{"data.image_size": 16 if dotted == "train.augment.translate" else 32,
+                             "train.low_res.epochs": 1, dotted: value})
+    model = tmp_path / "models" / "model.pth"
+    model.parent.mkdir()
+    model.write_bytes(b"the previous model")
+    done = subprocess.run([sys.executable, "-m", "stages.train"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.startswith(f"error: {key}: ") and done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr + done.stdout
+    assert model.read_bytes() == b"the previous model"
+
+
+def test_translate_bound_is_where_the_reflected_shift_stops_being_exact() -> None:
+    """stages.augment.shift equals numpy's reflect padding for every shift below the image size (the most
+    data.image_size - 1 allows for train.augment.translate), and not at the image size."""
+    import numpy as np
+    import torch
+
+    from stages.augment import shift
+
+    size = 8
+    row = np.arange(size)
+    images = torch.from_numpy(np.broadcast_to(row, (1, 1, size, size)).copy())
+
+    def reference(dx: int) -> list[int]:  # content moved right by dx, the border mirrored without edge repeat
+        padded = np.pad(row, abs(dx), mode="reflect")
+        return padded[abs(dx) - dx:abs(dx) - dx + size].tolist()
+
+    for dx in range(-(size - 1), size):
+        assert shift(images, 0, dx)[0, 0, 0].tolist() == reference(dx), dx
+    assert shift(images, 0, -size)[0, 0, 0].tolist() != reference(-size)

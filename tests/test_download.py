@@ -3,24 +3,35 @@ extraction, the synthetic dataset, image-folder archives from a URL, and the ato
 
 from __future__ import annotations
 
+import email.message
 import hashlib
+import io
 import json
+import os
 import pickle
 import re
+import signal
 import socket
 import tarfile
 import threading
+import tracemalloc
 import urllib.error
+import urllib.request
+import zipfile
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from imagefolders import (add_tar_member, make_cifar_tarball, make_image_folder, write_params, zip_folder)
+from imagefolders import (add_tar_member, image_bytes, make_cifar_tarball, make_image_folder, solid_image, tar_of,
+                          write_params, zip_declaring_size, zip_folder, zip_of)
 from stages import download, fetch, normalize
-from stages.common import PipelineError
+from stages import ingest as ingest_module
+from stages.common import PipelineError, run_stage
 
 CIFAR_FILES = ("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
                "test_batch")
@@ -28,8 +39,8 @@ CIFAR_FILES = ("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "
 
 class FileServer:
     """A threaded HTTP server on 127.0.0.1 serving in-memory files, with Range/If-Range support and faults a test
-    can arm: `cut_once` (send half the body, then close), `fail_once` (answer an HTTP error code once) and
-    `ignore_range` (always answer 200 with the whole file)."""
+    can arm: `cut_once` (send half the body, then close), `fail_once` (answer an HTTP error code once),
+    `ignore_range` (always answer 200 with the whole file) and `redirects` ({path: Location}, answered with 302)."""
 
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}
@@ -39,6 +50,7 @@ class FileServer:
         self.fail_once: int | None = None
         self.fail_always: int | None = None
         self.ignore_range = False
+        self.redirects: dict[str, str] = {}
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -49,6 +61,12 @@ class FileServer:
                     code = server.fail_always or server.fail_once
                     server.fail_once = None
                     self.send_error(code)
+                    return
+                if self.path in server.redirects:
+                    self.send_response(302)
+                    self.send_header("Location", server.redirects[self.path])
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 data = server.files.get(self.path)
                 if data is None:
@@ -265,7 +283,7 @@ def test_offline_dns_failure_says_how_to_run_offline(workdir: Path, monkeypatch:
     def no_dns(*args: Any, **kwargs: Any) -> None:
         raise urllib.error.URLError(socket.gaierror(-3, "Temporary failure in name resolution"))
 
-    monkeypatch.setattr(fetch.urllib.request, "urlopen", no_dns)
+    monkeypatch.setattr(fetch._OPENER, "open", no_dns)
     with pytest.raises(PipelineError, match=r"www\.cs\.toronto\.edu is unreachable \(cannot resolve the host name"
                                             r".*data\.source=synthetic"):
         download.download(data_params(source="cifar10"))
@@ -438,3 +456,317 @@ def test_image_archive_url_offline(workdir: Path) -> None:
         port = probe.getsockname()[1]
     with pytest.raises(PipelineError, match=r"unreachable.*copy the archive into data/sources/.*synthetic"):
         download.download(data_params(source=f"http://127.0.0.1:{port}/pictures.zip"))
+
+
+# ---------------------------------------------------------------- hostile and unusual image sources
+
+
+BOMB = bytes(8 << 20)  # 8 MiB of zeros: deflated a few KB, over data.limits.compression_ratio (200)
+SMALL_LAYOUT = {"train": {"cat": 2, "dog": 2}, "test": {"cat": 1, "dog": 1}}
+
+
+def run_download(capsys: pytest.CaptureFixture[str], **data: Any) -> tuple[int, str, str]:
+    """The stage as `python -m stages.download` runs it (run_stage: an error is one line and exit status 2), with
+    params.yaml's data keys overridden; returns (exit status, stdout, stderr)."""
+    write_params(Path.cwd(), **data)
+    capsys.readouterr()
+    try:
+        run_stage(download.main)
+        code = 0
+    except SystemExit as exit_:
+        code = int(exit_.code or 0)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_refused(result: tuple[int, str, str], *expected: str) -> None:
+    """Exit status 2 with exactly one `error:` line, holding each expected text, and no traceback."""
+    code, _, err = result
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err, err
+    for text in expected:
+        assert text in errors[0], errors[0]
+
+
+def stage_warnings(err: str) -> list[str]:
+    return [line for line in err.splitlines() if line.startswith("warning:")]
+
+
+@pytest.fixture
+def previous_raw(workdir: Path) -> dict[str, bytes]:
+    """data/raw from an earlier good run, which a refused source must leave exactly as it was."""
+    download.download(data_params(source="synthetic", **{"synthetic.train_size": 40, "synthetic.test_size": 10}))
+    return raw_files()
+
+
+def assert_unchanged(previous: dict[str, bytes]) -> None:
+    assert raw_files() == previous and leftovers() == []
+
+
+def png(color: tuple[int, int, int] = (10, 20, 30)) -> bytes:
+    return image_bytes(solid_image(color), "PNG")
+
+
+def noise_png(side: int = 512) -> bytes:
+    """An incompressible PNG (side 512: about 790 KB)."""
+    pixels = np.random.default_rng(side).integers(0, 256, (side, side, 3), dtype=np.uint8)
+    return image_bytes(Image.fromarray(pixels, "RGB"), "PNG")
+
+
+def split_members(extra: dict[str, bytes] | None = None) -> dict[str, bytes]:
+    """Small PNG members in the train/test layout (classes cat and dog, 2 images each per split), then `extra`."""
+    members = {f"{split}/{cls}/{number}.png": png() for split in ("train", "test") for cls in ("cat", "dog")
+               for number in range(2)}
+    return {**members, **(extra or {})}
+
+
+def archive_of(kind: str, members: dict[str, bytes], name: str = "pets") -> Path:
+    path = Path("data/sources") / f"{name}.{kind}"
+    return zip_of(path, members) if kind == "zip" else tar_of(path, members, compression="gz" if kind == "tar.gz"
+                                                              else "")
+
+
+@pytest.mark.parametrize("kind", ["zip member", "zip of small members", "tar.gz"])
+def test_archive_bombs_are_refused_from_their_headers(workdir: Path, previous_raw: dict[str, bytes],
+                                                      capsys: pytest.CaptureFixture[str], kind: str) -> None:
+    """A few KB that unpack to 8 MB (ratio ~1000) are refused by name before any member is read: one big member,
+    or 16 members each below the 1 MiB the per-member ratio waits for (the whole zip's ratio catches them), or a
+    tar.gz (its whole stream counts)."""
+    if kind == "zip member":
+        archive = archive_of("zip", split_members({"train/cat/bomb.png": BOMB}))
+        expected = ["error: data/sources/pets.zip: member 'train/cat/bomb.png': unpacks to 8.0 MB from ",
+                    "times its packed size, over data.limits.compression_ratio 200 (a decompression bomb?)"]
+    elif kind == "zip of small members":
+        archive = archive_of("zip", split_members({f"train/cat/bomb{i}.png": BOMB[:512 << 10] for i in range(16)}))
+        expected = ["error: data/sources/pets.zip: unpacks to ", " or more from ", "(reached at member 'train/cat/bomb",
+                    "over data.limits.compression_ratio 200"]
+    else:
+        archive = archive_of("tar.gz", split_members({"train/cat/bomb.png": BOMB}))
+        expected = ["error: data/sources/pets.tar.gz: unpacks to 8.0 MB or more from ",
+                    "(reached at member 'train/cat/bomb.png')", "over data.limits.compression_ratio 200"]
+    assert_refused(run_download(capsys, source=str(archive)), *expected)
+    assert_unchanged(previous_raw)
+
+
+def test_a_zip_member_is_never_read_past_its_declared_size(workdir: Path, previous_raw: dict[str, bytes],
+                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    """Its headers say 100 bytes (under every limit) while its data inflates to 8 MB: the read stops at the
+    declared 100 bytes, and the CRC check refuses the member."""
+    archive = zip_declaring_size(archive_of("zip", split_members({"train/cat/liar.png": BOMB})),
+                                 "train/cat/liar.png", 100)
+    assert_refused(run_download(capsys, source=str(archive)),
+                   "error: data/sources/pets.zip: cannot read member 'train/cat/liar.png' (Bad CRC-32")
+    assert_unchanged(previous_raw)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz", "tar"])
+@pytest.mark.parametrize("limit, value, expected", [
+    ("archive_files", 5, ": holds more than 5 members, over the limit data.limits.archive_files; raise it"),
+    ("archive_gb", 0.001, ": unpacks to more than 0.001 GB (reached at member 'train/dog/big.png'), over the limit "
+                          "data.limits.archive_gb"),
+    ("image_mb", 0.5, ": member 'train/cat/big.png': 7"),  # about 790 KB
+    ("image_mb", 0.5, "over the limit of 0.5 MB per image file (data.limits.image_mb); raise it, or remove the file"),
+])
+def test_archive_limits_are_params(workdir: Path, previous_raw: dict[str, bytes], capsys: pytest.CaptureFixture[str],
+                                   kind: str, limit: str, value: float, expected: str) -> None:
+    big = noise_png()
+    archive = archive_of(kind, split_members({"train/cat/big.png": big, "train/dog/big.png": big}))
+    assert_refused(run_download(capsys, source=str(archive), **{f"limits.{limit}": value}),
+                   f"error: data/sources/pets.{kind}{expected}" if expected.startswith(":") else expected)
+    assert_unchanged(previous_raw)
+
+
+def test_folder_picture_over_image_mb_is_refused_by_name(workdir: Path, previous_raw: dict[str, bytes],
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    make_image_folder(Path("data/sources/pets"), SMALL_LAYOUT)
+    Path("data/sources/pets/train/dog/big.png").write_bytes(noise_png())
+    assert_refused(run_download(capsys, source="data/sources/pets", **{"limits.image_mb": 0.5}),
+                   "error: data/sources/pets/train/dog/big.png: 7",
+                   "over the limit of 0.5 MB per image file (data.limits.image_mb)")
+    assert_unchanged(previous_raw)
+
+
+@pytest.mark.parametrize("kind", ["zip", "tar.gz"])
+def test_ordinary_pictures_pass_the_default_limits(workdir: Path, capsys: pytest.CaptureFixture[str],
+                                                   kind: str) -> None:
+    """A 12 MP phone photo (4000 x 3000 JPEG, a few MB) and small flat images, which compress a lot."""
+    photo = image_bytes(solid_image((90, 120, 160), (4000, 3000), noise=20), "JPEG", quality=90)
+    flat_bmp = image_bytes(solid_image((0, 0, 0), (300, 300)), "BMP")  # 270 KB deflating ~1000x
+    archive = archive_of(kind, split_members({"train/cat/photo.jpg": photo, "train/dog/flat.bmp": flat_bmp}))
+    code, _, err = run_download(capsys, source=str(archive))
+    assert code == 0 and stage_warnings(err) == [], err
+    assert json.loads(Path("data/raw/source.json").read_text())["images"] == {"train": 6, "test": 4}
+    with zipfile.ZipFile("data/raw/images.zip") as copied:
+        assert copied.read("train/cat/photo.jpg") == photo and copied.read("train/dog/flat.bmp") == flat_bmp
+
+
+@pytest.mark.parametrize("compression", ["gz", ""])
+def test_tar_pictures_are_not_held_in_memory(workdir: Path, compression: str) -> None:
+    """32 incompressible 1 MiB pictures: a plain tar is read member by member and a tar.gz streamed through a
+    temporary file, so the copy's peak (Python allocations, where the pictures' bytes live) stays near one
+    picture; reading the tar whole, as before, took over 32 MiB."""
+    pictures = {f"{split}/{cls}/{i}.png": np.random.default_rng(i).bytes(1 << 20)
+                for split in ("train", "test") for cls in ("cat", "dog") for i in range(8)}
+    archive = tar_of(Path("data/sources/pets.tar"), pictures, compression=compression)
+    tracemalloc.start()
+    try:
+        info = ingest_module.ingest(archive, str(archive), workdir / "images.zip", sniff=False)
+        peak_mb = tracemalloc.get_traced_memory()[1] / 2**20
+    finally:
+        tracemalloc.stop()
+    assert info["images"] == {"train": 16, "test": 16}
+    assert peak_mb < 8, f"copying 32 MiB of pictures took {peak_mb:.0f} MB"
+    with zipfile.ZipFile(workdir / "images.zip") as copied:
+        assert copied.read("train/dog/7.png") == pictures["train/dog/7.png"]
+    assert sorted(p.name for p in workdir.iterdir()) == ["data", "images.zip"]  # the spool file is gone
+
+
+@pytest.fixture
+def no_hang() -> Iterator[None]:
+    """Fail instead of hanging forever if something opens a FIFO for reading."""
+    def hung(*args: Any) -> None:
+        raise TimeoutError("the stage blocked")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and /dev/zero are POSIX")
+def test_special_files_in_a_folder_are_skipped_and_listed(workdir: Path, tmp_path: Path, no_hang: None,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Only regular files are read, and links to them: a FIFO, a link to /dev/zero, a broken link, a link to
+    itself and a link to an enclosing folder are skipped, listed with their reason and warned about."""
+    root = Path("data/sources/pets")
+    make_image_folder(root, SMALL_LAYOUT)
+    cat = root / "train" / "cat"
+    os.mkfifo(cat / "pipe.png")
+    (cat / "zero.png").symlink_to("/dev/zero")
+    (cat / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (cat / "self.png").symlink_to("self.png")
+    (cat / "loop").symlink_to("..")
+    (cat / "linked.png").symlink_to((cat / "0000.png").resolve())
+    code, _, err = run_download(capsys, source=str(root))
+    assert code == 0, err
+    source = json.loads(Path("data/raw/source.json").read_text())
+    assert source["ignored_special_files"] == [
+        {"file": "train/cat/gone.png", "reason": "a broken link"},
+        {"file": "train/cat/loop", "reason": "a link to a folder that contains it (a loop)"},
+        {"file": "train/cat/pipe.png", "reason": "a FIFO"},
+        {"file": "train/cat/self.png", "reason": "a link loop"},
+        {"file": "train/cat/zero.png", "reason": "a link to a character device"}]
+    assert source["ignored_files"] == 5 and source["images"] == {"train": 5, "test": 2}
+    (warning,) = stage_warnings(err)
+    assert warning.startswith("warning: data/sources/pets: skipped 5 entries that are neither regular files nor "
+                              "folders (nor links to one): train/cat/gone.png (a broken link), ")
+    assert "train/cat/zero.png (a link to a character device); source.json lists them" in warning
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs and /dev/zero are POSIX")
+def test_a_file_swapped_for_a_fifo_after_listing_is_not_read(tmp_path: Path, no_hang: None) -> None:
+    os.mkfifo(tmp_path / "pipe.png")
+    with pytest.raises(PipelineError, match=r"pipe\.png: no longer a regular file; rerun the download stage"):
+        ingest_module._read_file(tmp_path / "pipe.png", 1 << 20)
+    with pytest.raises(PipelineError, match=r"^/dev/zero: no longer a regular file"):
+        ingest_module._read_file(Path("/dev/zero"), 1 << 20)
+
+
+def test_a_linked_class_folder_is_a_class(workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A class folder that is a link was silently dropped (classes cat, dog instead of bird, cat, dog)."""
+    make_image_folder(tmp_path / "elsewhere", {"bird": 3})
+    root = Path("data/sources/pets")
+    make_image_folder(root, {"train": {"cat": 2, "dog": 2}, "test": {"bird": 1, "cat": 1, "dog": 1}})
+    (root / "train" / "bird").symlink_to(tmp_path / "elsewhere" / "bird")
+    code, _, err = run_download(capsys, source=str(root))
+    assert code == 0 and stage_warnings(err) == [], err
+    source = json.loads(Path("data/raw/source.json").read_text())
+    assert source["classes"] == ["bird", "cat", "dog"] and source["images"] == {"train": 7, "test": 3}
+    assert "ignored_special_files" not in source  # an ordinary source keeps its source.json as before
+    with zipfile.ZipFile("data/raw/images.zip") as copied:
+        assert copied.read("train/bird/0002.png") == (tmp_path / "elsewhere" / "bird" / "0002.png").read_bytes()
+
+
+@pytest.mark.parametrize("location", ["ftp://127.0.0.1/pictures.zip", "file:///etc/passwd"])
+def test_a_redirect_away_from_http_is_refused(workdir: Path, server: FileServer, previous_raw: dict[str, bytes],
+                                              capsys: pytest.CaptureFixture[str], location: str) -> None:
+    server.redirects["/pictures.zip"] = location
+    url = server.url("/pictures.zip")
+    assert_refused(run_download(capsys, source=url),
+                   f"error: {url}: the server redirects (HTTP 302) to {location}, which is not an http(s) URL; only "
+                   f"redirects to http and https are followed")
+    assert_unchanged(previous_raw)
+    assert not any(Path("data/.download").iterdir())
+
+
+def test_a_redirect_within_http_is_followed(workdir: Path, server: FileServer, image_zip: bytes,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    server.files["/v2/pictures.zip"] = image_zip
+    server.redirects["/pictures.zip"] = "/v2/pictures.zip"  # relative, as servers often send it
+    code, _, err = run_download(capsys, source=server.url("/pictures.zip"),
+                                sha256=hashlib.sha256(image_zip).hexdigest())
+    assert code == 0, err
+    assert [r["path"] for r in server.requests] == ["/pictures.zip", "/v2/pictures.zip"]
+
+
+def test_a_redirect_from_https_to_http_is_refused() -> None:
+    """urllib's own handler, as the stage's opener calls it for a 301 answer to an https request."""
+    headers = email.message.Message()
+    headers["Location"] = "http://example.org/pictures.zip"
+    request = urllib.request.Request("https://example.org/pictures.zip")
+    with pytest.raises(PipelineError, match=r"^https://example\.org/pictures\.zip: the server redirects \(HTTP 301\) "
+                                            r"from https to plain http \(http://example\.org/pictures\.zip\); "
+                                            r"refusing the downgrade"):
+        fetch._SafeRedirects().http_error_301(request, io.BytesIO(), 301, "Moved Permanently", headers)
+    fetch.check_redirect("http://example.org/a.zip", "https://example.org/a.zip", 301)  # an upgrade is fine
+    fetch.check_redirect("https://example.org/a.zip", "https://mirror.example.org/a.zip", 302)
+    assert any(isinstance(handler, fetch._SafeRedirects) for handler in fetch._OPENER.handlers)
+
+
+def test_non_utf8_file_name_in_a_folder(workdir: Path, previous_raw: dict[str, bytes],
+                                        capsys: pytest.CaptureFixture[str]) -> None:
+    make_image_folder(Path("data/sources/pets"), SMALL_LAYOUT)
+    try:
+        Path(os.fsdecode(os.fsencode("data/sources/pets/train/cat") + b"/caf\xe9.png")).write_bytes(png())
+    except (OSError, UnicodeError):
+        pytest.skip("this file system refuses names that are not UTF-8")
+    assert_refused(run_download(capsys, source="data/sources/pets"),
+                   r"error: data/sources/pets: train/cat/caf\xe9.png: the name is not valid UTF-8",
+                   "rename it with UTF-8 characters only")
+    assert_unchanged(previous_raw)
+
+
+@pytest.mark.parametrize("name, shown", [("train/cat/café.png", r"train/cat/caf\xe9.png"),
+                                         ("train/crème/0.png", r"train/cr\xe8me/0.png")])
+def test_non_utf8_names_in_a_tar_made_on_a_latin1_system(workdir: Path, previous_raw: dict[str, bytes],
+                                                         capsys: pytest.CaptureFixture[str], name: str,
+                                                         shown: str) -> None:
+    archive = tar_of(Path("data/sources/pets.tar.gz"), split_members({name: png()}), format=tarfile.GNU_FORMAT,
+                     encoding="latin-1")
+    assert_refused(run_download(capsys, source=str(archive)),
+                   f"error: data/sources/pets.tar.gz: {shown}: the name is not valid UTF-8")
+    assert_unchanged(previous_raw)
+
+
+def test_url_source_without_sha256_warns_with_its_digest(workdir: Path, tmp_path: Path, server: FileServer,
+                                                         image_zip: bytes, tarball: bytes,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """DVC tracks neither an http(s) nor a file:// archive outside data/sources/: the stage says so and prints the
+    SHA-256 to pin it with; pinned sources, data/sources/ and cifar10 (its MD5 is pinned in the code) do not warn."""
+    server.files["/pictures.zip"] = image_zip
+    digest = hashlib.sha256(image_zip).hexdigest()
+    for url in (server.url("/pictures.zip"), (tmp_path / "pictures.zip").as_uri()):
+        code, _, err = run_download(capsys, source=url)
+        assert code == 0 and stage_warnings(err) == [
+            f"warning: {url}: data.sha256 is not set, so DVC does not track this archive: when it changes at that "
+            f"URL, `dvc repro` will not rerun the pipeline. Pin the archive downloaded now with "
+            f"`dvc exp run -S data.sha256={digest}` (or set data.sha256: {digest} in params.yaml)"], err
+    Path("data/sources/pictures.zip").write_bytes(image_zip)
+    for quiet in ({"source": server.url("/pictures.zip"), "sha256": digest},
+                  {"source": Path("data/sources/pictures.zip").resolve().as_uri()},
+                  {"source": "cifar10", "url": (tmp_path / "cifar-10-python.tar.gz").as_uri()}):
+        code, _, err = run_download(capsys, **quiet)
+        assert code == 0 and stage_warnings(err) == [], (quiet, err)

@@ -99,3 +99,38 @@ def test_predict_on_image_files_agrees_with_evaluate(trained: Path, monkeypatch:
         index = int(Path(result["file"]).stem)
         assert result["predictions"][0]["class"] == expected[index]
         assert sum(p["probability"] for p in result["predictions"]) <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("classes", 4, "classes: expected a list of at least 2 distinct class names (text), got 4"),  # a TypeError
+    ("model_config", {"channels": [8, 16]}, "model_config.channels: expected a list of at least 3 integers"),
+])
+def test_a_bad_checkpoint_stops_the_stage_with_one_line(tmp_path: Path, field: str, value: object,
+                                                        message: str) -> None:
+    """As a process: one `error:` line naming the checkpoint and its field, exit status 2, no traceback, and the
+    previous metrics kept."""
+    import os
+    import subprocess
+    import sys
+
+    from repo_root import REPO_ROOT
+    from stages.common import make_checkpoint
+    from stages.models import build_model
+
+    write_prepared(tmp_path)
+    tiny_params(tmp_path)
+    model = build_model("cnn", {"channels": [8, 16, 16]}, 4, 32, [0.5] * 3, [0.5] * 3)
+    checkpoint = make_checkpoint(model="cnn", model_config={"channels": [8, 16, 16]},
+                                 classes=[f"class{i}" for i in range(4)], image_size=32, mean=[0.5] * 3,
+                                 std=[0.5] * 3, state_dicts=[model.state_dict()], train={})
+    checkpoint[field] = value
+    save_torch(checkpoint, tmp_path / "models/model.pth")
+    metrics = tmp_path / "metrics/test.json"
+    metrics.parent.mkdir()
+    metrics.write_text('{"test": {"acc": 0.5}}\n')
+    done = subprocess.run([sys.executable, "-m", "stages.evaluate"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(REPO_ROOT)}, timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.startswith(f"error: models/model.pth: {message}") and done.stderr.count("\n") == 1, \
+        done.stderr
+    assert metrics.read_text() == '{"test": {"acc": 0.5}}\n' and not (tmp_path / "metrics/predictions.csv").exists()

@@ -15,6 +15,7 @@ from stages.common import (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_1, PipelineError
                            save_torch)
 from stages.models import (AirNet, Ensemble, build_model, infer, load_pretrained, model_config,
                            model_from_checkpoint)
+from stages.config import min_input_size, parameter_count
 
 CONFIGS = {
     "mlp": {"hidden": [64, 32]},
@@ -191,3 +192,106 @@ def test_get_pretrained_tool_is_explicit_and_fails_clearly_offline(tmp_path: Pat
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert set(torch.load(output, weights_only=True)) == set(torch.load(source, weights_only=True))
+
+
+# ---------------------------------------------------------------- the size facts stages.config keeps without torch
+
+
+@pytest.mark.parametrize("name, config, image_size", [
+    ("cnn", {"channels": [8, 16, 16]}, 32),  # 3 pools: at least 8 px
+    ("cnn", {"channels": [4, 4, 4, 4, 4, 4]}, 32),  # 5 pools (the sixth block has nothing left): 32 px
+    ("cnn", {"channels": [4, 4, 4]}, 12),  # 12 -> 6 -> 3 -> 1: 3 pools, 8 px
+    ("airnet", {"widths": [8, 8, 8], "whiten_bias_epochs": 1}, 32),  # 2x2 stem + 3 halvings: 9 px
+    ("airnet", {"widths": [8, 8], "whiten_bias_epochs": 1}, 32),  # 5 px
+])
+def test_min_input_size_is_where_the_network_stops_working(name: str, config: dict, image_size: int) -> None:
+    smallest = min_input_size(name, config, image_size)
+    model = build_model(name, config, 3, image_size, [0.5] * 3, [0.25] * 3).eval()
+    with torch.no_grad():
+        assert model(random_images(2, smallest)).shape == (2, 3)
+        with pytest.raises(RuntimeError, match="Output size is too small"):
+            model(random_images(2, smallest - 1))
+
+
+@pytest.mark.parametrize("name", ["mlp", "resnet18"])
+def test_models_without_a_minimum_run_on_one_pixel(name: str) -> None:
+    assert min_input_size(name, CONFIGS[name], 1) == 1
+    model = build_model(name, CONFIGS[name], 3, 1, [0.5] * 3, [0.25] * 3).eval()
+    with torch.no_grad():
+        assert model(random_images(2, 1)).shape == (2, 3)
+
+
+@pytest.mark.parametrize("name, config", [*CONFIGS.items(), ("mlp", {"hidden": []}),
+                                          ("cnn", {"channels": [5, 7, 9, 11]}),
+                                          ("airnet", {"widths": [64, 256, 256], "whiten_bias_epochs": 6})])
+@pytest.mark.parametrize("classes, image_size", [(2, 8), (10, 32), (7, 20)])
+def test_parameter_count_is_what_torch_builds(name: str, config: dict, classes: int, image_size: int) -> None:
+    model = build_model(name, config, classes, image_size, [0.5] * 3, [0.25] * 3)
+    assert parameter_count(name, config, image_size, classes) == sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------- checkpoint fields
+
+
+def airnet_checkpoint(path: Path, **changes: object) -> None:
+    """A small valid airnet checkpoint with some fields replaced (or removed, for the value REMOVE)."""
+    model = build_model("airnet", CONFIGS["airnet"], 3, 32, [0.4] * 3, [0.2] * 3)
+    checkpoint = make_checkpoint(model="airnet", model_config=dict(CONFIGS["airnet"]), classes=["a", "b", "c"],
+                                 image_size=32, mean=[0.4] * 3, std=[0.2] * 3, state_dicts=[model.state_dict()],
+                                 train={})
+    for key, value in changes.items():
+        if value is REMOVE:
+            checkpoint["model_config"].pop(key.removeprefix("model_config."))
+        elif key.startswith("model_config."):
+            checkpoint["model_config"][key.removeprefix("model_config.")] = value
+        else:
+            checkpoint[key] = value
+    save_torch(checkpoint, path)
+
+
+REMOVE = object()
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model": "vgg"}, "model: expected one of mlp, cnn, airnet, resnet18; got 'vgg'"),
+    ({"model_config.widths": REMOVE}, "missing key 'model_config.widths' in the checkpoint"),
+    ({"model_config.depth": 3}, "unknown key 'model_config.depth' in the checkpoint"),
+    ({"model_config": [16, 32]}, "model_config: expected a mapping of keys, got [16, 32]"),
+    ({"model_config.widths": [16, "32", 32]}, "model_config.widths: expected a list of at least 3 integers >= 1"),
+    ({"model_config.widths": [64, 1_000_000, 256]},
+     "model_config.widths: [64, 1000000, 256] on 32 px images (image_size) gives airnet 9,002,884,642,872 "
+     "parameters; expected at most 1,000,000,000 in all"),
+    ({"classes": "abc"}, "classes: expected a list of at least 2 distinct class names (text), got 'abc'"),
+    ({"classes": ["cat"]}, "classes: expected a list of at least 2 distinct class names (text), got ['cat']"),
+    ({"classes": ["cat", "cat", "dog"]}, "classes: expected a list of at least 2 distinct class names"),
+    ({"classes": [0, 1, 2]}, "classes: expected a list of at least 2 distinct class names (text), got [0, 1, 2]"),
+    ({"image_size": "32"}, "image_size: expected an integer, got '32'"),
+    ({"image_size": 8}, "image_size: 8 px is too small for airnet, which needs at least 9 px (a 2x2 stem, then "
+                        "3 blocks that halve the image: model_config.widths)"),
+    ({"image_size": 2**70}, "image_size: expected a value <= 1024, got 1180591620717411303424"),
+    ({"mean": [0.4, 0.4]}, "mean: expected three numbers of magnitude at most 1e6 (one per colour channel), "
+                           "got [0.4, 0.4]"),
+    ({"mean": [0.4, float("nan"), 0.4]}, "mean: expected three numbers of magnitude at most 1e6"),
+    ({"std": [0.2, 0.0, 0.2]}, "std: expected three numbers > 0 of magnitude at most 1e6 (one per colour channel)"),
+    ({"train": ["lr", 0.1]}, "train: expected a mapping or null, got list"),
+    ({"state_dicts": [{"net.head.weight": [1.0, 2.0]}]},
+     "checkpoint 'state_dicts' item 0 must map parameter names to tensors"),
+    ({"state_dicts": ["weights"]}, "checkpoint 'state_dicts' item 0 must map parameter names to tensors"),
+])
+def test_checkpoint_fields_are_checked_on_loading(tmp_path: Path, changes: dict, message: str) -> None:
+    airnet_checkpoint(tmp_path / "model.pth", **changes)
+    with pytest.raises(PipelineError) as error:
+        load_checkpoint(tmp_path / "model.pth")
+    assert str(error.value).startswith(f"{tmp_path / 'model.pth'}: {message}")
+
+
+def test_a_crafted_ensemble_size_is_refused_before_anything_is_built(tmp_path: Path) -> None:
+    """Many members that share one small state_dict in the file would each be built in full."""
+    model = build_model("resnet18", CONFIGS["resnet18"], 3, 32, [0.4] * 3, [0.2] * 3)
+    save_torch(make_checkpoint(model="resnet18", model_config=CONFIGS["resnet18"], classes=["a", "b", "c"],
+                               image_size=32, mean=[0.4] * 3, std=[0.2] * 3, state_dicts=[model.state_dict()] * 90,
+                               train={}), tmp_path / "many.pth")
+    with pytest.raises(PipelineError, match=r"many.pth: state_dicts: 90 members of resnet18 have 11,178,051 "
+                                            r"parameters per member, 1,006,024,590 for 90; expected at most "
+                                            r"1,000,000,000 in all"):
+        load_checkpoint(tmp_path / "many.pth")

@@ -1,5 +1,6 @@
-"""Image-folder sources through download + normalize (layouts, bad input, splits, statistics, determinism), the
-CIFAR-format path of normalize, and a small check on the real CIFAR-10 JPEG copy when it is present."""
+"""Image-folder sources through download + normalize (layouts, bad input, empty splits, decode limits, lazy
+reading of images.zip, splits, statistics, determinism), the CIFAR-format path of normalize, and a small check on
+the real CIFAR-10 JPEG copy when it is present."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import io
 import json
 import pickle
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -21,7 +23,7 @@ from imagefolders import (PALETTE, add_tar_member, image_bytes, make_image_folde
                           write_params, zip_folder, zip_symlink)
 from repo_root import REPO_ROOT
 from stages import download, normalize
-from stages.common import PipelineError, load_split
+from stages.common import PipelineError, load_split, run_stage
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec); the pinned version still has them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -296,6 +298,94 @@ def test_class_left_without_readable_images_is_an_error(workdir: Path) -> None:
     (root / "train" / "dog" / "0000.png").write_bytes(b"broken")
     with pytest.raises(PipelineError, match=r"class 'dog' has no readable training image left"):
         run("data/sources/pets", on_error="skip")
+
+
+def run_stage_lines(capsys: pytest.CaptureFixture, **data: Any) -> list[str]:
+    """normalize as its command runs it (params.yaml with `data` keys, run_stage): exit status 2, no traceback;
+    returns the stderr lines besides the progress bar's."""
+    write_params(Path.cwd(), **{"val_fraction": 0.0, **data})
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(normalize.main)
+    assert exit_info.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "Traceback" not in stderr
+    return [line for line in stderr.strip().splitlines() if not line.startswith("decode:")]
+
+
+def test_an_empty_test_split_stops_normalize(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    root = source_folder(SPLIT_LAYOUT)
+    run("data/sources/pets")
+    before = outputs()
+    for picture in (root / "test").rglob("*.png"):  # every test image unreadable, all skipped
+        picture.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    params = write_params(Path.cwd(), source="data/sources/pets", on_error="skip", val_fraction=0.0)
+    download.download(params["data"])
+    lines = run_stage_lines(capsys, source="data/sources/pets", on_error="skip")
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: data/raw/images.zip: the test split has no images: 6 unreadable images were "
+                               "skipped (data.on_error: skip), e.g. test/cat/0000.png: ")
+    assert lines[0].endswith("it needs at least one: fix or replace the unreadable files, or add pictures, in "
+                             "data/sources/pets")
+    after = outputs()
+    assert {name: after[name] for name in ("meta.json", "test.pt", "train.pt", "val.pt")} == {
+        name: before[name] for name in ("meta.json", "test.pt", "train.pt", "val.pt")}
+
+
+def test_decode_limits_come_from_params(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    source_folder(SPLIT_LAYOUT, size=(20, 14))  # 280 pixels, 0.00028 megapixels each
+    params = write_params(Path.cwd(), source="data/sources/pets")
+    download.download(params["data"])
+    lines = run_stage_lines(capsys, source="data/sources/pets", **{"limits.image_megapixels": 0.0002})
+    assert lines == ["error: test/cat/0000.png: cannot read image (20x14 pixels, over the limit of 0.0002 "
+                     "megapixels per image (data.limits.image_megapixels)), in data/raw/images.zip (copied from "
+                     "data/sources/pets); fix or remove the file, or set data.on_error: skip to leave unreadable "
+                     "images out"]
+    size = zipfile.ZipFile("data/raw/images.zip").getinfo("test/cat/0000.png").file_size
+    lines = run_stage_lines(capsys, source="data/sources/pets", **{"limits.image_mb": 2**-16})  # 16 bytes
+    assert lines == [f"error: data/raw/images.zip: member 'test/cat/0000.png' is {size:,} bytes, over the limit of "
+                     f"{2**-16:g} MB per image file (data.limits.image_mb); rerun the download stage"]
+    assert not Path("data/prepared").exists()
+
+
+def test_zip_members_are_read_when_decoded_not_up_front(workdir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """images.zip is not read into memory whole: each member is read once, by the thread that decodes it."""
+    source_folder({"train": {"cat": 300, "dog": 300}, "test": {"cat": 2, "dog": 2}})
+    params = write_params(Path.cwd(), source="data/sources/pets", val_fraction=0.0)
+    download.download(params["data"])
+    reads: list[tuple[str, bool]] = []
+    read = zipfile.ZipFile.read
+
+    def recording_read(archive: zipfile.ZipFile, name: Any, pwd: bytes | None = None) -> bytes:
+        reads.append((str(name), threading.current_thread() is threading.main_thread()))
+        return read(archive, name, pwd)
+
+    monkeypatch.setattr(zipfile.ZipFile, "read", recording_read)
+    normalize.normalize(params["data"], {"stats": "dataset"})
+    assert sorted(name for name, _ in reads) == sorted(zipfile.ZipFile("data/raw/images.zip").namelist())
+    assert not any(in_main for _, in_main in reads)
+    lazy = outputs()
+    # the same bytes as from every member read up front
+    monkeypatch.setattr(normalize, "ZipMembers", lambda path, archive, names: [read(archive, n) for n in names])
+    normalize.normalize(params["data"], {"stats": "dataset"})
+    assert outputs() == lazy
+
+
+def test_a_damaged_member_of_images_zip_is_one_line(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    """Members are read in the decoding threads now: a read error there is still the stage's one line."""
+    source_folder(SPLIT_LAYOUT)
+    params = write_params(Path.cwd(), source="data/sources/pets")
+    download.download(params["data"])
+    raw = Path("data/raw/images.zip")
+    with zipfile.ZipFile(raw) as archive:
+        info = archive.getinfo("train/dog/0002.png")
+    data = bytearray(raw.read_bytes())
+    data[info.header_offset + 30 + len(info.filename) + 20] ^= 0xFF  # a byte of the stored picture
+    raw.write_bytes(bytes(data))
+    lines = run_stage_lines(capsys, source="data/sources/pets")
+    assert lines == ["error: data/raw/images.zip: cannot read member 'train/dog/0002.png' (Bad CRC-32 for file "
+                     "'train/dog/0002.png'); rerun the download stage"]
+    assert not Path("data/prepared").exists()
 
 
 # ---------------------------------------------------------------- CIFAR format in normalize

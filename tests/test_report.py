@@ -1,8 +1,11 @@
 """report stage on a tiny fake workspace: every input file is written here, the checkpoint is a plain dict of
-the checkpoint's fields (the report never runs the model)."""
+the checkpoint's fields (the report never runs the model). Also: class names that pandas would misread, through
+real evaluate and report runs, and a full disk while the report is written."""
 
 from __future__ import annotations
 
+import errno
+import json
 import os
 import subprocess
 import sys
@@ -229,3 +232,55 @@ def test_stage_entry_point_prints_one_line_error(workspace: Path, repo_root: Pat
     assert result.stderr.startswith("error: models/model.pth: cannot load model checkpoint")
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_class_names_like_missing_values_or_numbers_survive_evaluate_and_report(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Folder names are class names: pandas would read `None`, `NA`, `nan` as missing and `00`, `01` as 0, 1."""
+    from prepared_data import tiny_params, write_prepared
+    from stages.config import load_params
+    from stages.evaluate import evaluate
+    from stages.train import train
+
+    classes = ["00", "01", "NA", "None", "True", "nan"]
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.chdir(tmp_path)
+    write_prepared(tmp_path, classes=len(classes))
+    meta = json.loads((tmp_path / "data/prepared/meta.json").read_text())
+    write_json(tmp_path / "data/prepared/meta.json", {**meta, "classes": classes})
+    tiny_params(tmp_path, **{"train.epochs": 1, "report.baseline": None, "report.samples": 6})
+    train(load_params())
+    evaluate(load_params())
+    per_class = (tmp_path / "metrics/per_class.csv").read_text().splitlines()
+    assert [row.split(",")[0] for row in per_class[1:]] == classes
+    report.main()
+    text = read_report(tmp_path)
+    for name in classes:
+        assert f"\n| {name} | " in text, name  # its own row in the per-class table, with its accuracy
+    assert "| classes | 00, 01, NA, None, True, nan |" in text
+    assert "| test images | 60 |" in text
+
+
+def test_disk_full_is_one_line_and_keeps_the_previous_report(workspace: Path, monkeypatch: pytest.MonkeyPatch,
+                                                             capsys: pytest.CaptureFixture) -> None:
+    from stages.common import run_stage
+    report.main()
+    before = {p.name: p.read_bytes() for p in (workspace / "reports").iterdir()}
+    write_text = Path.write_text
+
+    def disk_full(self: Path, text: str, *args: object, **kwargs: object) -> int:
+        if self.name != "report.html":
+            return write_text(self, text, *args, **kwargs)
+        write_text(self, text[:100], *args, **kwargs)  # the disk fills up part-way through the page
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_text", disk_full)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(report.main)
+    assert exit_info.value.code == 2
+    # a failed write names no file; the error names the output folder, not its temporary stand-in
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: reports: No space left on device; free some disk space and rerun"]
+    assert {p.name: p.read_bytes() for p in (workspace / "reports").iterdir()} == before
+    assert not [p.name for p in workspace.iterdir() if p.name.startswith(".reports")]  # no temporary folder left

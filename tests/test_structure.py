@@ -6,6 +6,7 @@ changed. An extra one only reruns a stage needlessly; both fail here."""
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 from typing import Any
@@ -33,13 +34,18 @@ def entry_path(entry: str | dict[str, Any]) -> str:
     return entry if isinstance(entry, str) else next(iter(entry))
 
 
+@functools.cache
+def closure_of(module: str) -> frozenset[str]:
+    return frozenset(str(path) for path in code_closure(module))
+
+
 def code_dep_mismatches(dvc_yaml: dict[str, Any]) -> list[str]:
     """For each stage, the stages/ files its command runs but dvc.yaml does not list, and the reverse."""
     problems = []
     for name, stage in stages_of(dvc_yaml).items():
         match = COMMAND.match(stage["cmd"])
         assert match, f"stage {name}: cmd {stage['cmd']!r} is not `python -m stages.<module>`"
-        imported = {str(path) for path in code_closure(match.group(1))}
+        imported = closure_of(match.group(1))
         listed = {entry_path(dep) for dep in stage.get("deps", []) if entry_path(dep).startswith("stages/")}
         problems += [f"stage {name}: imports {path} but dvc.yaml does not list it"
                      for path in sorted(imported - listed)]

@@ -1,10 +1,12 @@
 """The train stage on a tiny prepared dataset: every registry model learns, runs are bit-identical, a killed
-run resumes to the same bytes, a stale resume file is ignored, divergence stops cleanly, and the schedule has
-the promised values."""
+run resumes to the same bytes, a stale or unreadable resume file is ignored, divergence stops cleanly, the
+schedule has the promised values, and runtime failures (a full disk, more processes than GPUs, a failing
+torchrun rank) end in one `error:` line."""
 
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import os
@@ -299,3 +301,113 @@ def test_phase_lengths_as_a_percentage_train_the_same_as_in_epochs(workdir: Path
     assert [md5(workdir / p) for p in outputs] == in_epochs
     checkpoint = load_checkpoint(workdir / "models" / "model.pth")
     assert checkpoint["model_config"]["whiten_bias_epochs"] == 2.7 and checkpoint["train"]["averaging_start"] == 2.7
+
+
+# ---------------------------------------------------------------- runtime failures
+
+
+@pytest.mark.parametrize("damage", ["truncated", "empty", "incomplete"])
+def test_unreadable_resume_file_is_ignored_and_the_run_starts_afresh(workdir: Path, capsys: pytest.CaptureFixture,
+                                                                     damage: str) -> None:
+    from stages.train import fingerprint
+    tiny_params(workdir)
+    outputs = ["models/model.pth", "metrics/history.csv", "metrics/train.json"]
+    train(load_params())
+    reference = [md5(workdir / p) for p in outputs]
+    resume = workdir / "models" / "resume" / "train.pt"
+    resume.parent.mkdir(parents=True)
+    # what a crash, a full disk or another tool can leave behind: the start of a checkpoint, nothing, or a
+    # checkpoint of this very run that lacks fields
+    whole = (workdir / "models" / "model.pth").read_bytes()
+    if damage == "incomplete":
+        torch.save({"fingerprint": fingerprint(load_params(), 1), "epoch": 1}, resume)
+    else:
+        resume.write_bytes(whole[:len(whole) // 3] if damage == "truncated" else b"")
+    capsys.readouterr()
+    train(load_params())
+    output = capsys.readouterr().out
+    reason = ("it lacks average, elapsed, history, member, members, model, optimizers" if damage == "incomplete"
+              else "cannot load resume checkpoint")
+    assert f"ignoring models/resume/train.pt: {reason}" in output
+    assert "training from the start" in output and "resuming" not in output
+    assert [md5(workdir / p) for p in outputs] == reference
+    assert not resume.parent.exists()  # replaced after the first epoch, removed at the end like any other
+
+
+def test_more_processes_than_gpus_are_refused_before_launching(workdir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                               capsys: pytest.CaptureFixture) -> None:
+    from stages import train as train_stage
+    from stages.common import run_stage
+    tiny_params(workdir, **{"train.nproc": 4})
+    monkeypatch.delenv("PIPELINE_DEVICE", raising=False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(train_stage.subprocess, "call", lambda *args, **kwargs: pytest.fail("torchrun launched"))
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(train_stage.main)
+    assert exit_info.value.code == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert lines == ["error: train.nproc: 4 processes, but this machine has 2 CUDA GPUs and each process needs its "
+                     "own; set train.nproc to at most 2 (or PIPELINE_DEVICE=cpu to train in CPU processes)"]
+    assert not (workdir / "models").exists()
+
+
+RANK_ONE_FAILS = '''
+import os
+if os.environ.get("RANK") == "1":  # only the second process: the first one is left waiting for it
+    from stages import common
+
+    def load_split(path):
+        raise common.PipelineError(f"{path}: rank 1 cannot read this")
+
+    common.load_split = load_split
+'''
+
+
+@pytest.mark.parametrize("failing", ["every rank", "rank 1"])
+def test_a_failing_rank_gives_its_own_one_line_error(workdir: Path, failing: str) -> None:
+    """Under torchrun, a rank's PipelineError is the stage's one line, not torchrun's ChildFailedError report."""
+    tiny_params(workdir, **{"train.model": "mlp", "train.mlp.hidden": [16], "train.nproc": 2,
+                            "train.batch_size": 33 if failing == "every rank" else 32})
+    python_path = [str(REPO_ROOT)]
+    if failing == "rank 1":  # sitecustomize runs in every process at start-up, before the stage is imported
+        (workdir / "hook").mkdir()
+        (workdir / "hook" / "sitecustomize.py").write_text(RANK_ONE_FAILS)
+        python_path.insert(0, str(workdir / "hook"))
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(python_path)}
+    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=workdir, env=env, capture_output=True,
+                            text=True, timeout=120)
+    expected = ("error: train.batch_size: 33 must be divisible by train.nproc=2" if failing == "every rank" else
+                "error: data/prepared/train.pt: rank 1 cannot read this")
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [expected]
+    assert "ChildFailedError" not in result.stdout and "Traceback" not in result.stdout
+    assert not (workdir / "models").exists()
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_model(workdir: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    from stages import train as train_stage
+    from stages.common import run_stage
+    tiny_params(workdir)
+    train(load_params())
+    model = workdir / "models" / "model.pth"
+    before = md5(model)
+    tiny_params(workdir, **{"train.seed": 1})  # a new model, which does not fit on the disk
+    write_bytes = Path.write_bytes
+
+    def disk_full(self: Path, data: bytes) -> int:
+        if not self.name.startswith(".model.pth."):
+            return write_bytes(self, data)
+        write_bytes(self, data[:len(data) // 2])  # the disk fills up half-way through the file
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(Path, "write_bytes", disk_full)
+    with pytest.raises(SystemExit) as exit_info:
+        run_stage(train_stage.main)
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: models/model.pth: No space left on device; free some disk space and rerun"]
+    assert md5(model) == before
+    assert sorted(p.name for p in model.parent.iterdir()) == ["model.pth", "resume"]  # no temporary file left
