@@ -31,6 +31,10 @@ TRAIN_METRICS = Path("metrics/train.json")
 TRAIN_TIME = Path("metrics/train_time.json")  # wall-clock numbers only: the one output whose bytes vary
 HISTORY_CSV = Path("metrics/history.csv")
 
+# export
+ONNX_PATH = Path("models/model.onnx")  # the model for ONNX Runtime: uint8 images in, logits out
+SAFETENSORS_PATH = Path("models/model.safetensors")  # the weights, with what rebuilds the model in its metadata
+
 # evaluate
 TEST_METRICS = Path("metrics/test.json")
 PER_CLASS_JSON = Path("metrics/per_class.json")

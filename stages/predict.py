@@ -1,16 +1,23 @@
-"""predict: classify image files with a trained checkpoint (not a DVC stage; also the `cifar-predict` command).
+"""predict: classify image files with a trained model (not a DVC stage; also the `cifar-predict` command).
 
     python -m stages.predict models/model.pth photo.jpg photos/ [--top-k 3] [--format text|json|csv]
                              [--output FILE] [--batch-size 64] [--tta 1|2|6]
+    python -m stages.predict models/model.onnx photo.jpg photos/ ...         # on ONNX Runtime, without torch
+    python -m stages.predict models/model.safetensors photo.jpg photos/ ...  # the exported weights, on torch
 
-Every image goes through the checkpoint's own preprocessing: stages.images decodes it exactly as normalize
-decoded the training images (EXIF rotation, grey/alpha/palette to RGB, shorter side resized to the checkpoint's
-image size and centre-cropped), and the model carries its normalization, so any picture works. Folders are
-searched recursively for image files (hidden files and folders are left out), in sorted order.
+The model file decides the runtime. A `.onnx` file (the export stage's) runs on ONNX Runtime through
+stages.deploy, and torch is never imported: a deployment needs onnxruntime, numpy and Pillow only. Any other file
+is a model for torch: the train stage's checkpoint, or the export stage's `.safetensors` (weights and metadata).
+
+Every image goes through the model's own preprocessing: stages.images decodes it exactly as normalize decoded the
+training images (EXIF rotation, grey/alpha/palette to RGB, shorter side resized to the model's image size and
+centre-cropped; for a .onnx model stages.deploy applies the same rules with Pillow alone, whose resize may differ
+by 1 in a few pixel values), and the model carries its normalization, so any picture works. Folders are searched
+recursively for image files (hidden files and folders are left out), in sorted order.
 
 Exit status: 0 when every image was classified; 1 when some images could not be read (the others are still
 classified and written, the unreadable ones are listed on stderr); 2 for a usage error, a missing input or a file
-that is not a checkpoint of this pipeline (nothing is written).
+that is not a model of this pipeline (nothing is written).
 """
 
 from __future__ import annotations
@@ -23,17 +30,21 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
+import numpy as np
 
-from stages.common import PipelineError, load_checkpoint, pick_device, run_stage, write_text
-from stages.images import (IMAGE_EXTENSIONS, decode_image, decode_workers, is_image_name, progress,
-                           read_image_file)
-from stages.models import infer, inference_settings, model_from_checkpoint
+# Only torch-free modules at the top: a .onnx model must run where torch is not installed.
+from stages import deploy
+from stages.deploy import IMAGE_EXTENSIONS, DeployError, OnnxClassifier, decode_workers, is_image_name, progress
+
+if TYPE_CHECKING:
+    import torch
 
 FORMATS = ("text", "json", "csv")
 PROGRESS_MIN_IMAGES = 256  # below this a progress bar is only noise on stderr
+ONNX_SUFFIX = ".onnx"
+SAFETENSORS_SUFFIX = ".safetensors"
 
 
 @dataclass
@@ -61,16 +72,25 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
         elif path.is_file():
             found.append(path)
         elif path.exists():
-            raise PipelineError(f"{path}: not a file or folder")
+            raise DeployError(f"{path}: not a file or folder")
         else:
-            raise PipelineError(f"{path}: no such file or folder")
+            raise DeployError(f"{path}: no such file or folder")
     if not found:
-        raise PipelineError("no image files to classify")
+        raise DeployError("no image files to classify")
     return found
 
 
 def load_model(path: str | Path) -> tuple[dict[str, Any], torch.nn.Module]:
-    checkpoint = load_checkpoint(path)  # refuses pickled code, other files and other checkpoint versions
+    """A model for torch: the train stage's checkpoint, or the export stage's .safetensors (its metadata rebuilds
+    the model; a file whose weights do not fit it is refused)."""
+    from stages.common import PipelineError, load_checkpoint
+    from stages.models import model_from_checkpoint
+
+    if Path(path).suffix.lower() == SAFETENSORS_SUFFIX:
+        from stages.export import read_safetensors
+        checkpoint = read_safetensors(path)
+    else:
+        checkpoint = load_checkpoint(path)  # refuses pickled code, other files and other checkpoint versions
     try:
         model = model_from_checkpoint(checkpoint)
     except PipelineError as error:
@@ -78,25 +98,20 @@ def load_model(path: str | Path) -> tuple[dict[str, Any], torch.nn.Module]:
     return checkpoint, model
 
 
-def decode_file(path: Path, size: int) -> torch.Tensor | str:
-    """The checkpoint-sized image, or why it could not be read (one bad file must not stop the others)."""
-    try:
-        return decode_image(read_image_file(path), size, str(path))
-    except PipelineError as error:
-        return str(error)
+def top_classes(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and class indices of the `top_k` most likely classes per row, best first."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    return np.take_along_axis(probabilities, order, axis=1), order
 
 
-def predict(checkpoint: dict[str, Any], model: torch.nn.Module, files: Sequence[Path], top_k: int = 5,
-            batch_size: int = 64, tta: int = 1,
-            device: torch.device | None = None) -> tuple[list[Prediction], list[str]]:
-    """Top-k predictions for the readable files (in input order) and the error messages of the unreadable ones.
-    Inference runs exactly as in the evaluate stage (same precision and memory layout)."""
-    device = device or pick_device()
-    classes = [str(c) for c in checkpoint["classes"]]
-    size = int(checkpoint["image_size"])
+def classify(files: Sequence[Path], decode: Callable[[Path], Any], run: Callable[[list[Any]], np.ndarray],
+             classes: list[str], top_k: int, batch_size: int) -> tuple[list[Prediction], list[str]]:
+    """Top-k predictions for the readable files (in input order) and the error messages of the unreadable ones:
+    `decode` gives an image or the reason it could not be read (one bad file must not stop the others), `run` the
+    logits of a list of images."""
     top_k = min(top_k, len(classes))
-    settings = inference_settings(checkpoint["model"], checkpoint.get("train") or {}, device)
-
     predictions: list[Prediction] = []
     errors: list[str] = []
     # Pillow and libjpeg release the GIL, so threads decode a batch on all cores.
@@ -104,17 +119,54 @@ def predict(checkpoint: dict[str, Any], model: torch.nn.Module, files: Sequence[
             progress(len(files), "predict", disable=len(files) < PROGRESS_MIN_IMAGES) as bar:
         for start in range(0, len(files), batch_size):
             batch = files[start:start + batch_size]
-            decoded = list(pool.map(lambda p: decode_file(p, size), batch))
+            decoded = list(pool.map(decode, batch))
             good = [(path, image) for path, image in zip(batch, decoded) if not isinstance(image, str)]
             errors.extend(result for result in decoded if isinstance(result, str))
             if good:
-                images = torch.stack([image for _, image in good])
-                logits = infer(model, images, batch_size=batch_size, tta=tta, settings=settings)
-                probabilities, indices = logits.float().softmax(1).topk(top_k, dim=1)
+                probabilities, indices = top_classes(run([image for _, image in good]), top_k)
                 for (path, _), probs, idx in zip(good, probabilities.tolist(), indices.tolist()):
                     predictions.append(Prediction(str(path), [classes[i] for i in idx], probs))
             bar.update(len(batch))
     return predictions, errors
+
+
+def predict(checkpoint: dict[str, Any], model: torch.nn.Module, files: Sequence[Path], top_k: int = 5,
+            batch_size: int = 64, tta: int = 1,
+            device: torch.device | None = None) -> tuple[list[Prediction], list[str]]:
+    """classify() on torch. Inference runs exactly as in the evaluate stage (same precision and memory layout)."""
+    import torch
+
+    from stages.common import PipelineError, pick_device
+    from stages.images import decode_image, read_image_file
+    from stages.models import infer, inference_settings
+
+    device = device or pick_device()
+    size = int(checkpoint["image_size"])
+    settings = inference_settings(checkpoint["model"], checkpoint.get("train") or {}, device)
+
+    def decode(path: Path) -> torch.Tensor | str:
+        try:
+            return decode_image(read_image_file(path), size, str(path))
+        except PipelineError as error:
+            return str(error)
+
+    def run(images: list[torch.Tensor]) -> np.ndarray:
+        return infer(model, torch.stack(images), batch_size=batch_size, tta=tta, settings=settings).float().numpy()
+
+    return classify(files, decode, run, [str(c) for c in checkpoint["classes"]], top_k, batch_size)
+
+
+def predict_onnx(classifier: OnnxClassifier, files: Sequence[Path], top_k: int = 5,
+                 batch_size: int = 64) -> tuple[list[Prediction], list[str]]:
+    """classify() on ONNX Runtime (stages.deploy), without torch."""
+    def decode(path: Path) -> np.ndarray | str:
+        try:
+            return deploy.load_image(path, classifier.image_size)
+        except DeployError as error:
+            return str(error)
+
+    return classify(files, decode, lambda images: classifier.logits(np.stack(images)), classifier.classes, top_k,
+                    batch_size)
 
 
 # ---------------------------------------------------------------- output
@@ -160,8 +212,9 @@ def positive_int(text: str) -> int:
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="cifar-predict",
-        description="Classify image files (or folders of them, searched recursively) with a trained checkpoint.")
-    parser.add_argument("model", help="checkpoint written by the train stage, e.g. models/model.pth")
+        description="Classify image files (or folders of them, searched recursively) with a trained model.")
+    parser.add_argument("model", help="the train stage's checkpoint (models/model.pth), or the export stage's "
+                                      "models/model.onnx (ONNX Runtime) or models/model.safetensors")
     parser.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER", help="image files and/or folders")
     parser.add_argument("--top-k", type=positive_int, default=3,
                         help="classes to show per image, most likely first (default 3; capped at the class count)")
@@ -169,15 +222,34 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", metavar="FILE", help="write the results to FILE instead of stdout")
     parser.add_argument("--batch-size", type=positive_int, default=64, help="images per batch (default 64)")
     parser.add_argument("--tta", type=int, choices=(1, 2, 6), default=1,
-                        help="test-time augmentation views as in evaluate.tta (default 1: none)")
+                        help="test-time augmentation views as in evaluate.tta (default 1: none; torch models only)")
     return parser.parse_args(argv)
 
 
-def run(argv: Sequence[str] | None) -> None:
-    args = parse_args(argv)
+def run_checkpoint(args: argparse.Namespace) -> None:
+    """The torch runtime: a checkpoint or a .safetensors."""
+    from stages.common import write_text
+
     files = find_images(args.inputs)  # before the model loads: a typo in a path fails fast
     checkpoint, model = load_model(args.model)
     predictions, errors = predict(checkpoint, model, files, args.top_k, args.batch_size, args.tta)
+    write_results(args, predictions, errors, len(files), write_text)
+
+
+def run_onnx(args: argparse.Namespace) -> None:
+    """The ONNX Runtime runtime (stages.deploy): nothing here imports torch."""
+    if args.tta != 1:
+        raise DeployError(f"--tta {args.tta}: test-time augmentation runs in torch; use the checkpoint "
+                          "(models/model.pth) for it, a .onnx model classifies each image as it is")
+    files = find_images(args.inputs)
+    classifier = OnnxClassifier(args.model, args.model)
+    predictions, errors = predict_onnx(classifier, files, args.top_k, args.batch_size)
+    write_results(args, predictions, errors, len(files), deploy.write_text)
+
+
+def write_results(args: argparse.Namespace, predictions: list[Prediction], errors: list[str], total: int,
+           write_text: Callable[[str, str], None]) -> None:
+    """Write the predictions (to --output, atomically, or stdout) and list the unreadable images (exit 1)."""
     output = FORMATTERS[args.format](predictions)
     if args.output:
         write_text(args.output, output)
@@ -187,14 +259,26 @@ def run(argv: Sequence[str] | None) -> None:
     for message in errors:
         print(f"error: {message}", file=sys.stderr)
     if errors:
-        print(f"error: {len(errors)} of {len(files)} images could not be read; the other "
+        print(f"error: {len(errors)} of {total} images could not be read; the other "
               f"{len(predictions)} were classified", file=sys.stderr, flush=True)
         raise SystemExit(1)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `python -m stages.predict` and of the `cifar-predict` console script."""
-    run_stage(lambda: run(argv))
+    args = parse_args(argv)
+    if Path(args.model).suffix.lower() == ONNX_SUFFIX:
+        deploy.run_cli(lambda: run_onnx(args))
+        return
+    from stages.common import PipelineError, run_stage
+
+    def run() -> None:
+        try:
+            run_checkpoint(args)
+        except DeployError as error:  # find_images' errors: the same one line as every PipelineError
+            raise PipelineError(str(error)) from None
+
+    run_stage(run)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ from repo_root import REPO_ROOT
 from stages.config import set_dotted
 
 BIN_DIR = Path(sys.executable).parent  # not resolved: a venv's python is a link out of the venv
-STAGES = ("download", "normalize", "train", "evaluate", "report")
+STAGES = ("download", "normalize", "train", "export", "evaluate", "report")
 
 # Besides the stages' own dependencies (read from dvc.yaml), what a clone needs to run the pipeline.
 ALWAYS_COPIED = ("stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore")
@@ -198,7 +198,8 @@ class PipelineRepo:
 
     def output_files(self) -> list[str]:
         """Every file the pipeline wrote (data, model, metrics, report), relative to the repository root."""
-        roots = ["data/raw", "data/prepared", "models/model.pth", "metrics", "reports"]
+        roots = ["data/raw", "data/prepared", "models/model.pth", "models/model.onnx", "models/model.safetensors",
+                 "metrics", "reports"]
         files: list[str] = []
         for root in roots:
             path = self.path / root

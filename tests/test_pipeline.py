@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 EXPECTED_OUTPUTS = (
     "data/prepared/train.pt", "data/prepared/val.pt", "data/prepared/test.pt", "data/prepared/meta.json",
-    "models/model.pth",
+    "models/model.pth", "models/model.onnx", "models/model.safetensors",
     "metrics/train.json", "metrics/history.csv", "metrics/test.json", "metrics/per_class.json",
     "metrics/per_class.csv", "metrics/predictions.csv",
     "reports/report.md",
@@ -106,8 +106,8 @@ def branch(baseline: Baseline, tmp_path_factory: pytest.TempPathFactory) -> Bran
     return BranchRun(repo, run)
 
 
-def test_changing_epochs_reruns_train_evaluate_report_only(branch: BranchRun) -> None:
-    assert branch.repro.ran == {"train", "evaluate", "report"}, branch.repro.output
+def test_changing_epochs_reruns_train_export_evaluate_report_only(branch: BranchRun) -> None:
+    assert branch.repro.ran == {"train", "export", "evaluate", "report"}, branch.repro.output
     assert {"download", "normalize"} <= branch.repro.unchanged, branch.repro.output
 
 
