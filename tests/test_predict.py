@@ -224,3 +224,156 @@ def test_module_entry_point(workspace: Path, repo_root: Path) -> None:
                              "1"], cwd=workspace, env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith("photos/exact.png: ") and result.stdout.count("\n") == 1
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model_config", {}, "bad.pth: missing key 'model_config.channels' in the checkpoint"),
+    ("classes", "cat dog", "bad.pth: classes: expected a list of at least 2 distinct class names (text), "
+                           "got 'cat dog'"),
+    ("model_config", {"channels": [8, 8, 4_000_000_000]},  # 4,000,000,000 x 8 x 9 weights: 1.2 TB if built
+     "bad.pth: model_config.channels: [8, 8, 4000000000] on 16 px images (image_size) gives cnn "),
+    ("mean", [0.5], "bad.pth: mean: expected three numbers of magnitude at most 1e6 (one per colour channel), "
+                    "got [0.5]"),
+])
+def test_checkpoint_with_a_bad_field_is_refused(workspace: Path, capsys: pytest.CaptureFixture[str], field: str,
+                                                value: object, message: str) -> None:
+    checkpoint = load_checkpoint("model.pth")
+    checkpoint[field] = value
+    save_torch(checkpoint, workspace / "bad.pth")
+    code, out, err = run_main(["bad.pth", "photos", "--output", "p.txt"], capsys)
+    assert code == 2 and out == "" and not (workspace / "p.txt").exists()
+    assert err.startswith(f"error: {message}") and err.count("\n") == 1, err
+
+
+def test_a_bad_checkpoint_field_is_one_line_from_the_command(workspace: Path, repo_root: Path) -> None:
+    """A checkpoint with airnet's settings for its cnn (a KeyError in the model builder before it was checked)."""
+    checkpoint = load_checkpoint("model.pth")
+    checkpoint["model_config"] = {"widths": [8, 8, 8]}
+    save_torch(checkpoint, workspace / "bad.pth")
+    env = dict(os.environ, PYTHONPATH=str(repo_root))
+    result = subprocess.run([sys.executable, "-m", "stages.predict", "bad.pth", "photos"], cwd=workspace, env=env,
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr == ("error: bad.pth: unknown key 'model_config.widths' in the checkpoint; valid keys in "
+                             "model_config: channels\n")
+
+
+# ---------------------------------------------------------------- a .onnx model on ONNX Runtime (stages.deploy)
+# Small models written with onnx.helper stand in for the export stage's (tests/test_export.py runs that stage): a
+# linear classifier on the raw pixels, with the metadata the export stage writes, or with what a foreign model has.
+
+
+def write_onnx_model(path: Path, *, input_type: str = "uint8", input_shape: tuple = ("batch", 3, SIZE, SIZE),
+                     metadata: dict[str, str] | None = None) -> np.ndarray:
+    """A linear classifier of the pixels as a .onnx file; returns its weights (pixels x classes)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from stages.deploy import ONNX_FORMAT
+
+    elements = {"uint8": TensorProto.UINT8, "float": TensorProto.FLOAT}
+    pixels = 3 * input_shape[2] * input_shape[3]
+    weights = (np.random.default_rng(0).normal(size=(pixels, len(CLASSES))) / 300).astype(np.float32)
+    nodes = [helper.make_node("Cast", ["images"], ["pixels"], to=TensorProto.FLOAT),
+             helper.make_node("Flatten", ["pixels"], ["flat"], axis=1),
+             helper.make_node("MatMul", ["flat", "weights"], ["logits"])]
+    graph = helper.make_graph(
+        nodes, "linear", [helper.make_tensor_value_info("images", elements[input_type], list(input_shape))],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", len(CLASSES)])],
+        initializer=[numpy_helper.from_array(weights, "weights")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 10  # what the export stage writes; ONNX Runtime reads it
+    if metadata is None:
+        metadata = {"format": ONNX_FORMAT, "classes": json.dumps(CLASSES), "image_size": str(SIZE)}
+    helper.set_model_props(model, metadata)
+    onnx.save(model, path)
+    return weights
+
+
+@pytest.fixture
+def onnx_workspace(workspace: Path) -> Path:
+    write_onnx_model(workspace / "model.onnx")
+    return workspace
+
+
+def test_onnx_model_classifies_like_its_graph(onnx_workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from stages import deploy
+
+    weights = write_onnx_model(onnx_workspace / "model.onnx")
+    code, out, err = run_main(["model.onnx", "photos", "--format", "json", "--top-k", "4"], capsys)
+    assert code == 0, err
+    rows = json.loads(out)
+    assert [row["file"] for row in rows] == [
+        "photos/exact.png", "photos/large.JPG", "photos/more/grey.jpg", "photos/rgba.png"]
+    for row in rows:
+        logits = deploy.load_image(row["file"], SIZE).reshape(1, -1).astype(np.float32) @ weights
+        expected = np.exp(logits - logits.max()) / np.exp(logits - logits.max()).sum()
+        got = {p["class"]: p["probability"] for p in row["predictions"]}
+        assert max(abs(got[c] - expected[0, i]) for i, c in enumerate(CLASSES)) < 1e-5
+        assert row["predictions"][0]["class"] == CLASSES[int(expected.argmax())]
+    # the output options work as for a checkpoint: csv into a file, written whole
+    code, out, _ = run_main(["model.onnx", "photos", "--format", "csv", "--output", "out/p.csv"], capsys)
+    assert code == 0 and out == ""
+    assert len((onnx_workspace / "out/p.csv").read_text().splitlines()) == 1 + 4 * 3
+    assert not list((onnx_workspace / "out").glob(".*.tmp"))
+
+
+def test_onnx_predict_runs_where_torch_is_not_installed(onnx_workspace: Path, repo_root: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    """With torch made unimportable (a deployment: onnxruntime, numpy and Pillow), the same output."""
+    code, expected, _ = run_main(["model.onnx", "photos", "--format", "json"], capsys)
+    assert code == 0
+    script = ("import runpy, sys; sys.modules['torch'] = sys.modules['torchvision'] = None; "
+              "sys.argv = ['predict', 'model.onnx', 'photos', '--format', 'json']; "
+              "runpy.run_module('stages.predict', run_name='__main__')")
+    done = subprocess.run([sys.executable, "-c", script], cwd=onnx_workspace, capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(repo_root)))
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == json.loads(expected)
+
+
+@pytest.mark.parametrize("kind, message", [
+    ("foreign", "error: foreign.onnx: not an ONNX model exported by this pipeline: its metadata has no format "
+                "'cifar-pipeline/onnx/1' (the export stage writes the class names and image size there); its "
+                "inputs: 'images' float [1, 3, 224, 224]; the export stage writes one, uint8 [batch, 3, S, S]"),
+    ("float input", "error: float input.onnx: wrong input: 'images' float [batch, 3, 16, 16]; expected one input, "
+                    "uint8 [batch, 3, 16, 16] (RGB images of image_size 16, as its metadata says, and a dynamic "
+                    "batch dimension)"),
+    ("other size", "error: other size.onnx: wrong input: 'images' uint8 [batch, 3, 32, 32]; expected one input"),
+    ("fixed batch", "error: fixed batch.onnx: wrong input: 'images' uint8 [1, 3, 16, 16]; expected one input"),
+    ("no classes", "error: no classes.onnx: its metadata needs 'classes' (a JSON list of names) and 'image_size'"),
+    ("not onnx", "error: not onnx.onnx: cannot load the ONNX model ("),
+    ("missing", "error: missing.onnx: ONNX model not found"),
+])
+def test_a_wrong_onnx_model_is_refused_with_one_line(workspace: Path, capsys: pytest.CaptureFixture[str],
+                                                     kind: str, message: str) -> None:
+    from stages.deploy import ONNX_FORMAT
+
+    path = workspace / f"{kind}.onnx"
+    ours = {"format": ONNX_FORMAT, "classes": json.dumps(CLASSES), "image_size": str(SIZE)}
+    if kind == "foreign":
+        write_onnx_model(path, input_type="float", input_shape=(1, 3, 224, 224), metadata={})
+    elif kind == "float input":
+        write_onnx_model(path, input_type="float")
+    elif kind == "other size":
+        write_onnx_model(path, input_shape=("batch", 3, 32, 32))
+    elif kind == "fixed batch":
+        write_onnx_model(path, input_shape=(1, 3, SIZE, SIZE))
+    elif kind == "no classes":
+        write_onnx_model(path, metadata={"format": ours["format"], "image_size": ours["image_size"]})
+    elif kind == "not onnx":
+        path.write_bytes(b"this is no protobuf")
+    code, out, err = run_main([path.name, "photos", "--output", "p.txt"], capsys)
+    assert code == 2 and out == ""
+    assert err.startswith(message) and err.count("\n") == 1, err
+    assert not (workspace / "p.txt").exists()
+
+
+def test_onnx_model_refuses_tta_and_lists_unreadable_images(onnx_workspace: Path,
+                                                            capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_main(["model.onnx", "photos", "--tta", "2"], capsys)
+    assert code == 2 and err.startswith("error: --tta 2: test-time augmentation runs in torch")
+    (onnx_workspace / "photos/broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated jpeg")
+    code, out, err = run_main(["model.onnx", "photos", "--format", "json"], capsys)
+    assert code == 1 and len(json.loads(out)) == 4
+    assert "photos/broken.jpg: cannot read image" in err and "1 of 5 images could not be read" in err
