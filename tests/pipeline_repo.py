@@ -33,7 +33,9 @@ BIN_DIR = Path(sys.executable).parent  # not resolved: a venv's python is a link
 STAGES = ("download", "normalize", "train", "export", "evaluate", "report")
 
 # Besides the stages' own dependencies (read from dvc.yaml), what a clone needs to run the pipeline.
-ALWAYS_COPIED = ("stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore")
+# plots/template.html: .dvc/config points `dvc plots show` at it (the offline page).
+ALWAYS_COPIED = ("stages", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore",
+                 "plots/template.html")
 
 # A run of a few seconds per stage: 300 generated images (270 train, 30 validation), a small CNN, two epochs.
 TINY: dict[str, Any] = {
