@@ -201,7 +201,7 @@ SCHEMA: dict[str, Any] = {
         "ensemble": Num(integer=True, ge=1),
         "nproc": Num(integer=True, ge=1),
     },
-    "evaluate": {"batch_size": Num(integer=True, ge=1), "tta": Choice((1, 2, 6))},
+    "evaluate": {"batch_size": Num(integer=True, ge=1), "tta": Choice((1, 2, 6)), "top_k": Num(integer=True, ge=1)},
     "report": {"samples": Num(integer=True, ge=0, le=100), "baseline": Text(describe="a git revision", optional=True)},
     # opset 18 is the lowest torch's ONNX exporter writes; the tolerance is relative to 1 + |logit|
     "export": {"opset": Num(integer=True, ge=18, le=99), "check_images": Num(integer=True, ge=1, le=100_000),

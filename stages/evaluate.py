@@ -1,12 +1,20 @@
 """evaluate: score models/model.pth on the held-out test split (data/prepared/test.pt), with optional test-time
-augmentation. Writes metrics/test.json (loss, accuracy), metrics/per_class.json and per_class.csv (per-class
-accuracy), and metrics/predictions.csv (one row per test image: the data of DVC's confusion-matrix plot)."""
+augmentation. Writes metrics/test.json (loss, accuracy, macro-F1, balanced accuracy, top-k accuracy, expected
+calibration error), metrics/per_class.json and per_class.csv (per-class accuracy, precision, recall, F1, support),
+and metrics/predictions.csv (one row per test image: the data of DVC's confusion-matrix plot).
+
+The metrics follow scikit-learn's definitions (tests/test_evaluate.py checks them against it): a ratio with a zero
+denominator (the precision of a class never predicted, the recall of a class without test images) is reported as
+0, as scikit-learn's `zero_division=0`; the support column says which classes had no test images. Macro-F1 averages
+the classes that occur among the labels or the predictions, balanced accuracy the classes that have test images."""
 
 from __future__ import annotations
 
 import csv
 import io
+from dataclasses import dataclass
 
+import torch
 import torch.nn.functional as F
 
 from stages.common import (PipelineError, load_checkpoint, load_split, log, pick_device, run_stage, write_json,
@@ -14,6 +22,8 @@ from stages.common import (PipelineError, load_checkpoint, load_split, log, pick
 from stages.config import load_params
 from stages.models import infer, inference_settings, model_from_checkpoint
 from stages.paths import MODEL_PATH, PER_CLASS_CSV, PER_CLASS_JSON, PREDICTIONS_CSV, TEST_METRICS, TEST_SPLIT
+
+ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (the usual choice since Guo et al.)
 
 
 def to_csv(header: list[str], rows: list[list[object]]) -> str:
@@ -24,10 +34,72 @@ def to_csv(header: list[str], rows: list[list[object]]) -> str:
     return buffer.getvalue()
 
 
-def evaluate(params: dict) -> None:
-    cfg = params["evaluate"]
-    checkpoint = load_checkpoint(MODEL_PATH)
-    images, labels = load_split(TEST_SPLIT)
+@dataclass(frozen=True)
+class ClassScores:
+    """Per-class scores, float64, one entry per class index."""
+    precision: torch.Tensor
+    recall: torch.Tensor
+    f1: torch.Tensor
+    support: torch.Tensor  # int64: test images of the class
+    predicted: torch.Tensor  # int64: test images predicted as the class
+
+
+def confusion_counts(labels: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """int64 num_classes x num_classes matrix: true class by row, predicted class by column."""
+    flat = labels.long() * num_classes + predicted.long()
+    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def ratio_or_zero(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
+    """numerator / denominator in float64, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
+    numerator, denominator = numerator.double(), denominator.double()
+    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), torch.zeros_like(numerator))
+
+
+def class_scores(confusion: torch.Tensor) -> ClassScores:
+    true_positives = confusion.diagonal()
+    support, predicted = confusion.sum(1), confusion.sum(0)
+    # F1 as 2 TP / (2 TP + FP + FN), as scikit-learn computes it: no rounding through precision and recall
+    f1 = ratio_or_zero(2 * true_positives, support + predicted)
+    return ClassScores(precision=ratio_or_zero(true_positives, predicted),
+                       recall=ratio_or_zero(true_positives, support), f1=f1, support=support, predicted=predicted)
+
+
+def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
+    """Share of images whose true class is among the k highest logits. Ties are broken as scikit-learn's
+    top_k_accuracy_score does (the higher class index ranks first), so the number does not depend on topk's order."""
+    true_score = logits.gather(1, labels.long()[:, None])
+    higher_index = torch.arange(logits.shape[1])[None, :] > labels.long()[:, None]
+    rank = (logits > true_score).sum(1) + ((logits == true_score) & higher_index).sum(1)
+    return (rank < k).double().mean().item()
+
+
+def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> float:
+    """Sum over equal-width bins (lo, hi] of the top-class probability: (images in bin / all images) x
+    |accuracy in bin - mean confidence in bin|, which is |correct in bin - summed confidence in bin| / images."""
+    confidence = confidence.double()
+    inner_edges = torch.arange(1, bins, dtype=torch.float64) / bins  # i / bins exactly, as a reference would
+    bin_index = torch.bucketize(confidence, inner_edges)  # right-closed bins: edge < value <= next edge
+    confidence_sum = torch.bincount(bin_index, weights=confidence, minlength=bins)
+    correct_sum = torch.bincount(bin_index, weights=correct.double(), minlength=bins)
+    return ((correct_sum - confidence_sum).abs().sum() / confidence.numel()).item()
+
+
+def summary_metrics(logits: torch.Tensor, labels: torch.Tensor, scores: ClassScores, top_k: int) -> dict[str, float]:
+    """The metrics added to test.json after loss and acc, rounded as those are; top-k is left out when there
+    are no more than k classes (every image would count as a hit)."""
+    occurring = (scores.support > 0) | (scores.predicted > 0)
+    with_images = scores.support > 0
+    confidence, predicted = logits.softmax(1).max(1)
+    metrics = {"macro_f1": scores.f1[occurring].mean().item(),
+               "balanced_accuracy": scores.recall[with_images].mean().item()}
+    if logits.shape[1] > top_k:
+        metrics[f"top{top_k}_accuracy"] = top_k_accuracy(logits, labels, top_k)
+    metrics["ece"] = expected_calibration_error(confidence, predicted == labels)
+    return {key: round(value, 6) for key, value in metrics.items()}
+
+
+def check_inputs(checkpoint: dict, images: torch.Tensor, labels: torch.Tensor) -> None:
     classes = checkpoint["classes"]
     if images.shape[0] == 0:
         raise PipelineError(f"{TEST_SPLIT}: the test split is empty")
@@ -37,6 +109,33 @@ def evaluate(params: dict) -> None:
     if int(labels.max()) >= len(classes):
         raise PipelineError(f"{TEST_SPLIT}: labels go up to {int(labels.max())} but the model knows "
                             f"{len(classes)} classes")
+
+
+def write_per_class(classes: list[str], correct: torch.Tensor, labels: torch.Tensor, scores: ClassScores) -> None:
+    """per_class.json and per_class.csv: accuracy (None / empty without test images) and count first, as before,
+    then precision, recall, F1 and support."""
+    accuracy = {}
+    for index, name in enumerate(classes):
+        mask = labels == index
+        accuracy[name] = round(correct[mask].float().mean().item(), 6) if int(mask.sum()) else None
+    columns = {"precision": scores.precision.tolist(), "recall": scores.recall.tolist(), "f1": scores.f1.tolist()}
+    rounded = {key: [round(v, 6) for v in values] for key, values in columns.items()}
+    support = scores.support.tolist()
+    document = {"per_class_acc": accuracy}
+    document.update({f"per_class_{key}": dict(zip(classes, values)) for key, values in rounded.items()})
+    document["per_class_support"] = dict(zip(classes, support))
+    write_json(PER_CLASS_JSON, {"test": document})
+    rows = [[name, "" if accuracy[name] is None else accuracy[name], support[index],
+             *(rounded[key][index] for key in columns), support[index]] for index, name in enumerate(classes)]
+    write_text(PER_CLASS_CSV, to_csv(["class", "accuracy", "count", *columns, "support"], rows))
+
+
+def evaluate(params: dict) -> None:
+    cfg = params["evaluate"]
+    checkpoint = load_checkpoint(MODEL_PATH)
+    images, labels = load_split(TEST_SPLIT)
+    classes = checkpoint["classes"]
+    check_inputs(checkpoint, images, labels)
 
     device = pick_device()
     model = model_from_checkpoint(checkpoint)
@@ -48,25 +147,26 @@ def evaluate(params: dict) -> None:
     confidence, predicted = probabilities.max(1)
     correct = predicted == labels
     accuracy = correct.float().mean().item()
+    scores = class_scores(confusion_counts(labels, predicted, len(classes)))
+    extra = summary_metrics(logits, labels, scores, cfg["top_k"])
 
-    per_class, per_class_rows = {}, []
-    for index, name in enumerate(classes):
-        mask = labels == index
-        count = int(mask.sum())
-        value = round(correct[mask].float().mean().item(), 6) if count else None
-        per_class[name] = value
-        per_class_rows.append([name, "" if value is None else value, count])
-
-    write_json(TEST_METRICS, {"test": {"loss": round(loss, 6), "acc": round(accuracy, 6)}})
-    write_json(PER_CLASS_JSON, {"test": {"per_class_acc": per_class}})
-    write_text(PER_CLASS_CSV, to_csv(["class", "accuracy", "count"], per_class_rows))
+    write_json(TEST_METRICS, {"test": {"loss": round(loss, 6), "acc": round(accuracy, 6), **extra}})
+    write_per_class(classes, correct, labels, scores)
     write_text(PREDICTIONS_CSV, to_csv(
         ["index", "actual", "predicted", "confidence"],
         [[i, classes[a], classes[p], f"{c:.6f}"] for i, (a, p, c) in
          enumerate(zip(labels.tolist(), predicted.tolist(), confidence.tolist()))]))
     log(f"test: loss {loss:.4f}  accuracy {accuracy:.4f}  ({images.shape[0]} images, tta {cfg['tta']})")
-    for name, value in per_class.items():
-        log(f"  accuracy of {name:>12s}: {'n/a' if value is None else f'{100 * value:.1f}%'}")
+    log_scores(classes, extra, scores)
+
+
+def log_scores(classes: list[str], summary: dict[str, float], scores: ClassScores) -> None:
+    """The new metrics and a per-class table; the recall column is the per-class accuracy."""
+    log("  " + "  ".join(f"{key} {value:.4f}" for key, value in summary.items()))
+    log(f"  {'class':>12s}  precision  recall      f1  support")
+    for index, name in enumerate(classes):
+        log(f"  {name:>12s}  {scores.precision[index].item():9.4f}  {scores.recall[index].item():6.4f}  "
+            f"{scores.f1[index].item():6.4f}  {int(scores.support[index]):7d}")
 
 
 def main() -> None:

@@ -194,7 +194,8 @@ def read_inputs() -> Inputs:
     test_metrics = read_json(TEST_METRICS, "test metrics")
     read_json(PER_CLASS_JSON, "per-class metrics")  # a dependency of the stage: fail early if it is missing
     history = read_csv(HISTORY_CSV, "training history", ["epoch", "train_loss", "train_acc", "val_loss", "val_acc"])
-    per_class = read_csv(PER_CLASS_CSV, "per-class accuracy", ["class", "accuracy", "count"], ("class",))
+    per_class = read_csv(PER_CLASS_CSV, "per-class metrics",
+                         ["class", "accuracy", "count", "precision", "recall", "f1"], ("class",))
     predictions = read_csv(PREDICTIONS_CSV, "test predictions", ["index", "actual", "predicted", "confidence"],
                            ("actual", "predicted"))
     images, _labels = load_split(TEST_SPLIT)
@@ -453,6 +454,9 @@ def per_class_section(doc: Document, per_class: pd.DataFrame, matrix: np.ndarray
     doc.table(pd.DataFrame({"class": per_class["class"].astype(str),
                             "accuracy": [fmt(float(v)) for v in per_class["accuracy"]],
                             "test images": [fmt(v) for v in per_class["count"]],
+                            # evaluate writes 0 where a ratio is undefined (never predicted / no test images)
+                            **{name: [fmt(float(v)) for v in per_class[column]]
+                               for name, column in (("precision", "precision"), ("recall", "recall"), ("F1", "f1"))},
                             "most often predicted instead": most_confused(per_class, matrix, classes)}))
 
 

@@ -1,4 +1,5 @@
-"""The evaluate stage: metrics, per-class accuracy, predictions that agree with the model, TTA, bad inputs."""
+"""The evaluate stage: metrics (each checked against scikit-learn), per-class scores, predictions that agree with
+the model, TTA, bad inputs."""
 
 from __future__ import annotations
 
@@ -6,13 +7,15 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from sklearn import metrics as sklearn_metrics  # a test dependency only (pyproject's `test` extra)
 
 from prepared_data import tiny_params, write_prepared
 from stages.common import PipelineError, load_checkpoint, load_split, save_torch
-from stages.config import load_params
-from stages.evaluate import evaluate
+from stages.config import ParamsError, load_params
+from stages.evaluate import class_scores, confusion_counts, evaluate, expected_calibration_error, summary_metrics
 from stages.models import infer, model_from_checkpoint
 from stages.train import train
 
@@ -50,6 +53,9 @@ def test_metrics_and_predictions(trained: Path, monkeypatch: pytest.MonkeyPatch,
     assert accuracy == pytest.approx(metrics["test"]["acc"], abs=1e-6)
     per_class_mean = sum(per_class.values()) / 4  # balanced classes: the mean of per-class accuracy is accuracy
     assert per_class_mean == pytest.approx(metrics["test"]["acc"], abs=1e-6)
+    # the new keys come after the old ones; 4 classes <= evaluate.top_k (5): no top-5 accuracy
+    assert list(metrics["test"]) == ["loss", "acc", "macro_f1", "balanced_accuracy", "ece"]
+    assert_files_match_scikit_learn(trained, rows, metrics["test"])
     if tta == 1:  # the stored predictions are exactly the model's argmax
         checkpoint = load_checkpoint(trained / "models/model.pth")
         model = model_from_checkpoint(checkpoint)
@@ -134,3 +140,170 @@ def test_a_bad_checkpoint_stops_the_stage_with_one_line(tmp_path: Path, field: s
     assert done.stderr.startswith(f"error: models/model.pth: {message}") and done.stderr.count("\n") == 1, \
         done.stderr
     assert metrics.read_text() == '{"test": {"acc": 0.5}}\n' and not (tmp_path / "metrics/predictions.csv").exists()
+
+
+# ---------------------------------------------------------------- the metrics against scikit-learn
+
+def assert_files_match_scikit_learn(root: Path, rows: list[dict[str, str]], test: dict[str, float]) -> None:
+    """test.json, per_class.json and per_class.csv, as written, against scikit-learn on predictions.csv."""
+    actual, predicted = [r["actual"] for r in rows], [r["predicted"] for r in rows]
+    assert test["macro_f1"] == pytest.approx(
+        sklearn_metrics.f1_score(actual, predicted, average="macro", zero_division=0), abs=1e-6)
+    assert test["balanced_accuracy"] == pytest.approx(
+        sklearn_metrics.balanced_accuracy_score(actual, predicted), abs=1e-6)
+    classes = [f"class{i}" for i in range(4)]
+    expected = sklearn_metrics.precision_recall_fscore_support(actual, predicted, labels=classes, zero_division=0)
+    document = json.loads((root / "metrics/per_class.json").read_text())["test"]
+    assert list(document) == ["per_class_acc", "per_class_precision", "per_class_recall", "per_class_f1",
+                              "per_class_support"]
+    with open(root / "metrics/per_class.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == ["class", "accuracy", "count", "precision", "recall", "f1", "support"]
+    for key, values in zip(("precision", "recall", "f1", "support"), expected):
+        assert list(document[f"per_class_{key}"].values()) == pytest.approx(values.tolist(), abs=1e-6)
+        assert [float(r[key]) for r in table] == pytest.approx(values.tolist(), abs=1e-6)
+
+
+def random_case(seed: int, num_classes: int = 7, images: int = 400) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random logits and labels where class 1 is never predicted, class 2 has no test images but is predicted,
+    and class 3 neither has images nor is predicted (it counts in no average)."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, num_classes, (images,), generator=generator)
+    labels[(labels == 2) | (labels == 3)] = 0
+    logits = torch.randn(images, num_classes, generator=generator) * 3
+    logits[:, 1] -= 50  # never the top class, still in the top k
+    logits[:, 3] -= 50
+    logits[:8, 2] += 50  # a few images predicted as class 2, which has none
+    return logits, labels
+
+
+def reference_ece(probabilities: np.ndarray, labels: np.ndarray, bins: int = 15) -> float:
+    """The textbook definition, directly: bins (lo, hi] of the top-class probability, weighted |accuracy - conf|."""
+    confidence, predicted = probabilities.max(1), probabilities.argmax(1)
+    edges = np.arange(bins + 1) / bins
+    total = 0.0
+    for low, high in zip(edges[:-1], edges[1:]):
+        inside = (confidence > low) & (confidence <= high)
+        if inside.any():
+            gap = abs((predicted[inside] == labels[inside]).mean() - confidence[inside].mean())
+            total += inside.mean() * gap
+    return total
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_metric_matches_scikit_learn(seed: int) -> None:
+    logits, labels = random_case(seed)
+    predicted = logits.argmax(1)
+    scores = class_scores(confusion_counts(labels, predicted, logits.shape[1]))
+    y_true, y_pred = labels.numpy(), predicted.numpy()
+    assert 1 not in y_pred and 2 in y_pred and 2 not in y_true and 3 not in np.concatenate([y_true, y_pred])
+    precision, recall, f1, support = sklearn_metrics.precision_recall_fscore_support(
+        y_true, y_pred, labels=range(logits.shape[1]), zero_division=0)
+    np.testing.assert_allclose(scores.precision.numpy(), precision, atol=1e-12)
+    np.testing.assert_allclose(scores.recall.numpy(), recall, atol=1e-12)
+    np.testing.assert_allclose(scores.f1.numpy(), f1, atol=1e-12)
+    assert scores.support.tolist() == support.tolist()
+    assert scores.precision[1] == 0 and scores.recall[2] == 0 and scores.f1[3] == 0  # zero_division=0
+
+    with pytest.warns(UserWarning, match="y_pred contains classes not in y_true"):
+        balanced = sklearn_metrics.balanced_accuracy_score(y_true, y_pred)
+    metrics = summary_metrics(logits, labels, scores, top_k=5)
+    assert list(metrics) == ["macro_f1", "balanced_accuracy", "top5_accuracy", "ece"]
+    assert metrics["macro_f1"] == pytest.approx(
+        sklearn_metrics.f1_score(y_true, y_pred, average="macro", zero_division=0), abs=1e-6)
+    assert metrics["balanced_accuracy"] == pytest.approx(balanced, abs=1e-6)
+    assert metrics["top5_accuracy"] == pytest.approx(sklearn_metrics.top_k_accuracy_score(
+        y_true, logits.numpy(), k=5, labels=range(logits.shape[1])), abs=1e-6)
+    assert metrics["ece"] == pytest.approx(reference_ece(logits.softmax(1).double().numpy(), y_true), abs=1e-6)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_top_k_breaks_ties_as_scikit_learn(k: int) -> None:
+    """Logits rounded to a coarse grid (as bf16 inference gives) tie often; the ranking must not depend on
+    torch.topk's order among equal values."""
+    generator = torch.Generator().manual_seed(k)
+    logits = (torch.randn(500, 6, generator=generator) * 2).round()
+    labels = torch.randint(0, 6, (500,), generator=generator)
+    scores = class_scores(confusion_counts(labels, logits.argmax(1), 6))
+    expected = sklearn_metrics.top_k_accuracy_score(labels.numpy(), logits.numpy(), k=k, labels=range(6))
+    assert summary_metrics(logits, labels, scores, top_k=k)[f"top{k}_accuracy"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_top_k_is_left_out_with_no_more_classes_than_k() -> None:
+    logits, labels = random_case(0, num_classes=5)
+    scores = class_scores(confusion_counts(labels, logits.argmax(1), 5))
+    assert "top5_accuracy" not in summary_metrics(logits, labels, scores, top_k=5)
+    assert "top4_accuracy" in summary_metrics(logits, labels, scores, top_k=4)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ece_matches_a_direct_reference(seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    probabilities = torch.randn(1000, 10, generator=generator).mul(1.5).softmax(1).double()
+    labels = torch.randint(0, 10, (1000,), generator=generator)
+    confidence, predicted = probabilities.max(1)
+    ece = expected_calibration_error(confidence, predicted == labels)
+    assert ece == pytest.approx(reference_ece(probabilities.numpy(), labels.numpy()), abs=1e-12)
+    # confidences exactly on the bin edges 1/15, 2/15, ... belong to the lower bin: (lo, hi]
+    on_edges = torch.arange(1, 16, dtype=torch.float64) / 15
+    hits = torch.ones(15, dtype=torch.bool)
+    assert expected_calibration_error(on_edges, hits) == pytest.approx((1 - on_edges).mean().item(), abs=1e-12)
+
+
+def test_perfect_predictions_score_one_and_zero_calibration_error_when_certain() -> None:
+    labels = torch.arange(12) % 6
+    logits = torch.nn.functional.one_hot(labels, 6).float() * 1000
+    scores = class_scores(confusion_counts(labels, labels, 6))
+    assert summary_metrics(logits, labels, scores, top_k=1) == {
+        "macro_f1": 1.0, "balanced_accuracy": 1.0, "top1_accuracy": 1.0, "ece": 0.0}
+
+
+@pytest.mark.parametrize("value, message", [
+    (0, "evaluate.top_k: expected a value >= 1, got 0"),
+    (2.5, "evaluate.top_k: expected an integer, got 2.5"),
+    ("5", "evaluate.top_k: expected an integer, got '5'"),
+])
+def test_a_bad_top_k_is_refused_by_name(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: object,
+                                        message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    tiny_params(tmp_path, **{"evaluate.top_k": value})
+    with pytest.raises(ParamsError, match=f"^{message}$"):
+        load_params()
+
+
+def test_written_metrics_of_an_untrained_model_match_scikit_learn(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A model with random weights makes many mistakes (unlike the trained fixture), so every written number
+    is checked where it is not trivially 1; top-2 accuracy against the model's own logits."""
+    from stages.common import make_checkpoint
+    from stages.models import build_model
+
+    monkeypatch.chdir(tmp_path)
+    write_prepared(tmp_path)
+    tiny_params(tmp_path, **{"evaluate.top_k": 2})
+    torch.manual_seed(3)
+    model = build_model("cnn", {"channels": [8, 16, 16]}, 4, 32, [0.5] * 3, [0.5] * 3)
+    save_torch(make_checkpoint(model="cnn", model_config={"channels": [8, 16, 16]},
+                               classes=[f"class{i}" for i in range(4)], image_size=32, mean=[0.5] * 3, std=[0.5] * 3,
+                               state_dicts=[model.state_dict()], train={}), tmp_path / "models/model.pth")
+    evaluate(load_params())
+    test = json.loads((tmp_path / "metrics/test.json").read_text())["test"]
+    with open(tmp_path / "metrics/predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert test["acc"] < 0.9  # the case is not trivial
+    assert_files_match_scikit_learn(tmp_path, rows, test)
+    images, labels = load_split(tmp_path / "data/prepared/test.pt")
+    logits = infer(model_from_checkpoint(load_checkpoint(tmp_path / "models/model.pth")), images, batch_size=50)
+    assert test["top2_accuracy"] == pytest.approx(
+        sklearn_metrics.top_k_accuracy_score(labels.numpy(), logits.numpy(), k=2, labels=range(4)), abs=1e-6)
+    probabilities = logits.softmax(1).double().numpy()
+    assert test["ece"] == pytest.approx(reference_ece(probabilities, labels.numpy()), abs=1e-6)
+
+
+def test_top_k_below_the_class_count_is_written(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained)
+    tiny_params(trained, **{"train.epochs": 3, "evaluate.top_k": 2})
+    evaluate(load_params())
+    test = json.loads((trained / "metrics/test.json").read_text())["test"]
+    assert list(test) == ["loss", "acc", "macro_f1", "balanced_accuracy", "top2_accuracy", "ece"]
+    assert test["acc"] <= test["top2_accuracy"] <= 1.0

@@ -64,7 +64,9 @@ def write_workspace(root: Path, repo_root: Path, *, samples: int = 6, baseline: 
                                          f"1,1.6,0.3,{val[0]},0.1,1.7\n2,1.2,0.45,{val[1]},0.0,3.5\n")
     write_json(metrics / "test.json", {"test": {"loss": 1.25, "acc": test_acc}, "tta": 1})
     write_json(metrics / "per_class.json", {"test": {"per_class_acc": {"cat": 0.75, "dog": 0.5, "frog": 0.25}}})
-    (metrics / "per_class.csv").write_text("class,accuracy,count\ncat,0.75,4\ndog,0.5,4\nfrog,0.25,4\n")
+    (metrics / "per_class.csv").write_text("class,accuracy,count,precision,recall,f1,support\n"  # predictions.csv's
+                                           "cat,0.75,4,0.6,0.75,0.666667,4\ndog,0.5,4,0.5,0.5,0.5,4\n"
+                                           "frog,0.25,4,0.333333,0.25,0.285714,4\n")
     predicted = [0, 1, 1, 0, 1, 0, 0, 0, 2, 2, 2, 1]
     rows = [f"{i},{CLASSES[int(labels[i])]},{CLASSES[p]},0.6" for i, p in enumerate(predicted)]
     (metrics / "predictions.csv").write_text("index,actual,predicted,confidence\n" + "\n".join(rows) + "\n")
@@ -99,8 +101,10 @@ def test_report_has_tables_figures_and_html(workspace: Path) -> None:
         assert b"matplotlib" not in data  # no software tag: the bytes do not depend on the version string
     assert "| test accuracy | 0.5000 |" in text
     assert "| val accuracy (last epoch) | 0.4000 |" in text
-    assert "| cat | 0.7500 | 4 | frog (1) |" in text  # per-class table with its most common confusion
-    assert "| frog | 0.2500 | 4 | dog (2) |" in text
+    # per-class table: accuracy, test images, precision, recall, F1, its most common confusion
+    assert "| class | accuracy | test images | precision | recall | F1 | most often predicted instead |" in text
+    assert "| cat | 0.7500 | 4 | 0.6000 | 0.7500 | 0.6667 | frog (1) |" in text
+    assert "| frog | 0.2500 | 4 | 0.3333 | 0.2500 | 0.2857 | dog (2) |" in text
     assert "| train.augment.flip | alternate |" in text  # nested train params, flattened
     assert "| train.cnn.channels | [32, 64, 128] |" in text
     assert "train.mlp.hidden" not in text and "train.airnet" not in text  # other models' sections left out
@@ -179,7 +183,9 @@ def test_without_validation_split_or_pretrained_or_baseline(tmp_path: Path, repo
     monkeypatch.chdir(tmp_path)
     write_workspace(tmp_path, repo_root, with_val=False, pretrained=False, baseline=None, samples=0)
     # evaluate leaves the accuracy empty for a class without test images
-    (tmp_path / "metrics/per_class.csv").write_text("class,accuracy,count\ncat,0.75,4\ndog,,0\nfrog,0.25,4\n")
+    (tmp_path / "metrics/per_class.csv").write_text("class,accuracy,count,precision,recall,f1,support\n"
+                                                    "cat,0.75,4,0.6,0.75,0.666667,4\ndog,,0,0.0,0.0,0.0,0\n"
+                                                    "frog,0.25,4,0.333333,0.25,0.285714,4\n")
     report.main()
     text = read_report(tmp_path)
     assert "| dog | — | 0 |" in text
@@ -219,6 +225,14 @@ def test_stale_predictions_are_refused(workspace: Path) -> None:
     with open(workspace / "metrics/predictions.csv", "a") as handle:
         handle.write("12,cat,horse,0.9\n")
     with pytest.raises(PipelineError, match=r"class names the model .* does not know: horse"):
+        report.main()
+    assert not (workspace / "reports").exists()
+
+
+def test_per_class_metrics_from_before_precision_and_recall_are_refused(workspace: Path) -> None:
+    (workspace / "metrics/per_class.csv").write_text("class,accuracy,count\ncat,0.75,4\ndog,0.5,4\nfrog,0.25,4\n")
+    with pytest.raises(PipelineError, match=r"metrics/per_class.csv: per-class metrics lacks the column\(s\) "
+                                            r"precision, recall, f1; expected class, accuracy, count, precision"):
         report.main()
     assert not (workspace / "reports").exists()
 
