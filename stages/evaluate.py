@@ -1,7 +1,8 @@
 """evaluate: score models/model.pth on the held-out test split (data/prepared/test.pt), with optional test-time
 augmentation. Writes metrics/test.json (loss, accuracy, macro-F1, balanced accuracy, top-k accuracy, expected
 calibration error), metrics/per_class.json and per_class.csv (per-class accuracy, precision, recall, F1, support),
-and metrics/predictions.csv (one row per test image: the data of DVC's confusion-matrix plot).
+metrics/predictions.csv (one row per test image: the data of DVC's confusion-matrix plot) and
+metrics/calibration.csv (accuracy and mean confidence per non-empty ECE bin: the reliability plot's data).
 
 The metrics follow scikit-learn's definitions (tests/test_evaluate.py checks them against it): a ratio with a zero
 denominator (the precision of a class never predicted, the recall of a class without test images) is reported as
@@ -21,7 +22,8 @@ from stages.common import (PipelineError, load_checkpoint, load_split, log, pick
                            write_text)
 from stages.config import load_params
 from stages.models import infer, inference_settings, model_from_checkpoint
-from stages.paths import MODEL_PATH, PER_CLASS_CSV, PER_CLASS_JSON, PREDICTIONS_CSV, TEST_METRICS, TEST_SPLIT
+from stages.paths import (CALIBRATION_CSV, MODEL_PATH, PER_CLASS_CSV, PER_CLASS_JSON, PREDICTIONS_CSV, TEST_METRICS,
+                          TEST_SPLIT)
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (the usual choice since Guo et al.)
 
@@ -83,6 +85,20 @@ def expected_calibration_error(confidence: torch.Tensor, correct: torch.Tensor, 
     confidence_sum = torch.bincount(bin_index, weights=confidence, minlength=bins)
     correct_sum = torch.bincount(bin_index, weights=correct.double(), minlength=bins)
     return ((correct_sum - confidence_sum).abs().sum() / confidence.numel()).item()
+
+
+def calibration_rows(confidence: torch.Tensor, correct: torch.Tensor, bins: int = ECE_BINS) -> list[list[object]]:
+    """One row per non-empty ECE bin (the same right-closed bins): bin number, its edges, images, their mean
+    top-class probability and their accuracy. Empty bins are left out so that DVC's line plot has no gaps."""
+    confidence = confidence.double()
+    inner_edges = torch.arange(1, bins, dtype=torch.float64) / bins
+    bin_index = torch.bucketize(confidence, inner_edges)
+    images = torch.bincount(bin_index, minlength=bins)
+    confidence_sum = torch.bincount(bin_index, weights=confidence, minlength=bins)
+    correct_sum = torch.bincount(bin_index, weights=correct.double(), minlength=bins)
+    return [[b, f"{b / bins:.6f}", f"{(b + 1) / bins:.6f}", int(images[b]),
+             f"{confidence_sum[b].item() / int(images[b]):.6f}", f"{correct_sum[b].item() / int(images[b]):.6f}"]
+            for b in range(bins) if int(images[b])]
 
 
 def summary_metrics(logits: torch.Tensor, labels: torch.Tensor, scores: ClassScores, top_k: int) -> dict[str, float]:
@@ -156,6 +172,8 @@ def evaluate(params: dict) -> None:
         ["index", "actual", "predicted", "confidence"],
         [[i, classes[a], classes[p], f"{c:.6f}"] for i, (a, p, c) in
          enumerate(zip(labels.tolist(), predicted.tolist(), confidence.tolist()))]))
+    write_text(CALIBRATION_CSV, to_csv(["bin", "lower", "upper", "images", "confidence", "accuracy"],
+                                       calibration_rows(confidence, correct)))
     log(f"test: loss {loss:.4f}  accuracy {accuracy:.4f}  ({images.shape[0]} images, tta {cfg['tta']})")
     log_scores(classes, extra, scores)
 

@@ -40,6 +40,7 @@ TEST_METRICS = Path("metrics/test.json")
 PER_CLASS_JSON = Path("metrics/per_class.json")
 PER_CLASS_CSV = Path("metrics/per_class.csv")
 PREDICTIONS_CSV = Path("metrics/predictions.csv")
+CALIBRATION_CSV = Path("metrics/calibration.csv")  # the reliability diagram's data: one row per non-empty bin
 
 # report
 REPORT_DIR = Path("reports")

@@ -1,6 +1,7 @@
 """report stage: one folder, `reports/`, with a markdown report (and the same content as HTML) built from the
 metrics, the checkpoint and the prepared test split: tables made with pandas, figures drawn with matplotlib
-(training curves, confusion matrix, per-class accuracy, sample test predictions), and a comparison of the
+(training curves, confusion matrix, per-class accuracy, sample test predictions), error analysis (the most
+confused class pairs, a reliability diagram, the most confidently wrong test images), and a comparison of the
 metrics with a baseline git revision (`report.baseline`, default main) when that revision exists.
 
 Everything is deterministic (same inputs -> same bytes): no timestamps, PNGs without the software tag, fixed
@@ -16,6 +17,7 @@ import json
 import math
 import re
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +43,12 @@ DPI = 100
 PNG_METADATA = {"Software": None}
 CORRECT_COLOR = "#1a7f37"
 WRONG_COLOR = "#d1242f"
+# The reliability diagram's bins: the same 15 equal-width, right-closed bins as evaluate's expected calibration error.
+CALIBRATION_BINS = 15
+CONFUSED_PAIRS_SHOWN = 10  # the table lists the most frequent mistakes; the confusion matrix has the rest
+# test.json keys after loss and acc (written by evaluate), with the names the metrics table gives them
+EXTRA_TEST_METRICS = {"macro_f1": "test macro-F1", "balanced_accuracy": "test balanced accuracy",
+                      "ece": f"test expected calibration error ({CALIBRATION_BINS} bins)"}
 
 
 # ---------------------------------------------------------------- the document: rendered to markdown and HTML
@@ -296,11 +304,21 @@ def choose_samples(predictions: pd.DataFrame, count: int) -> pd.DataFrame:
     return ordered.sort_values(["_rank", "actual"], kind="stable").head(count).drop(columns="_rank")
 
 
-def plot_samples(samples: pd.DataFrame, images: Any, classes: list[str], path: Path) -> None:
+def sample_title(row: Any, classes: list[str]) -> str:
+    return f"true: {short(classes[row.actual])}\npred: {short(classes[row.predicted])}"
+
+
+def top_loss_title(row: Any, classes: list[str]) -> str:
+    return f"{sample_title(row, classes)}\np = {float(row.confidence):.3f}"
+
+
+def plot_samples(samples: pd.DataFrame, images: Any, classes: list[str], path: Path,
+                 title: Callable[[Any, list[str]], str] = sample_title, title_lines: int = 2) -> None:
     count = len(samples)
     columns = min(count, 8)
     rows = math.ceil(count / columns)
-    figure = Figure(figsize=(1.7 * columns, 2.1 * rows), layout="constrained")  # keeps titles off the row above
+    row_height = 2.1 + 0.2 * (title_lines - 2)  # room for a third title line (the top losses' probability)
+    figure = Figure(figsize=(1.7 * columns, row_height * rows), layout="constrained")  # titles off the row above
     grid = np.atleast_1d(figure.subplots(rows, columns, squeeze=False).ravel())
     for axes in grid:
         axes.axis("off")
@@ -308,9 +326,73 @@ def plot_samples(samples: pd.DataFrame, images: Any, classes: list[str], path: P
         picture = images[int(row.index)].permute(1, 2, 0).numpy()
         axes.imshow(picture, interpolation="nearest")
         right = row.actual == row.predicted
-        axes.set_title(f"true: {short(classes[row.actual])}\npred: {short(classes[row.predicted])}",
-                       fontsize=8, color=CORRECT_COLOR if right else WRONG_COLOR)
+        axes.set_title(title(row, classes), fontsize=8, color=CORRECT_COLOR if right else WRONG_COLOR)
     save_figure(figure, path)
+
+
+def calibration_table(predictions: pd.DataFrame, bins: int = CALIBRATION_BINS) -> pd.DataFrame:
+    """One row per equal-width confidence bin (lo, hi]: test images, their mean top-class probability and their
+    accuracy (NaN for an empty bin). Bins as evaluate's ECE: a confidence on an edge belongs to the lower bin."""
+    confidence = predictions["confidence"].to_numpy(dtype=np.float64)
+    correct = (predictions["actual"] == predictions["predicted"]).to_numpy(dtype=np.float64)
+    inner_edges = np.arange(1, bins, dtype=np.float64) / bins
+    bin_index = np.searchsorted(inner_edges, confidence, side="left")  # = torch.bucketize(right=False)
+    images = np.bincount(bin_index, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):  # empty bins: NaN, drawn as no bar
+        mean_confidence = np.bincount(bin_index, weights=confidence, minlength=bins) / images
+        accuracy = np.bincount(bin_index, weights=correct, minlength=bins) / images
+    return pd.DataFrame({"lower": np.arange(bins) / bins, "upper": np.arange(1, bins + 1) / bins,
+                         "images": images, "confidence": mean_confidence, "accuracy": accuracy})
+
+
+def plot_reliability(table: pd.DataFrame, path: Path) -> None:
+    """Accuracy per confidence bin against the diagonal of perfect calibration, with the images per bin below."""
+    figure = Figure(figsize=(6, 6.5))
+    top, bottom = figure.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    width = float(table["upper"].iloc[0] - table["lower"].iloc[0])
+    centres = ((table["lower"] + table["upper"]) / 2).to_numpy()
+    filled = table["images"].to_numpy() > 0
+    top.plot([0, 1], [0, 1], "--", color="#888888", label="perfect calibration")
+    top.bar(centres[filled], table["accuracy"].to_numpy()[filled], width=width * 0.95, color="#4c72b0",
+            edgecolor="#2a4a80", label="accuracy in bin")
+    top.plot(table["confidence"].to_numpy()[filled], table["accuracy"].to_numpy()[filled], "o",
+             color=WRONG_COLOR, markersize=4, label="(mean confidence, accuracy)")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1.18)  # headroom above accuracy 1 for the legend, so it covers no bar
+    top.set_ylabel("accuracy")
+    top.set_title("Reliability diagram (test)")
+    top.grid(alpha=0.3)
+    top.legend(loc="upper center", ncol=3, fontsize=7)
+    bottom.bar(centres, table["images"].to_numpy(), width=width * 0.95, color="#999999")
+    bottom.yaxis.set_major_locator(MaxNLocator(integer=True, nbins=4))
+    bottom.set_xlabel("confidence (top-class probability)")
+    bottom.set_ylabel("test images")
+    bottom.grid(axis="y", alpha=0.3)
+    figure.tight_layout()
+    save_figure(figure, path)
+
+
+def confused_pairs(matrix: np.ndarray, classes: list[str], limit: int = CONFUSED_PAIRS_SHOWN) -> pd.DataFrame:
+    """The most frequent (true -> predicted) mistakes: count and the share of the true class's test images.
+    Ties go to the lower true, then predicted, class index, so the table depends only on the matrix."""
+    mistakes = matrix.copy()
+    np.fill_diagonal(mistakes, 0)
+    true_index, predicted_index = np.nonzero(mistakes)
+    counts = mistakes[true_index, predicted_index]
+    order = np.lexsort((predicted_index, true_index, -counts))[:limit]
+    class_sizes = matrix.sum(axis=1)
+    return pd.DataFrame({"true class": [classes[i] for i in true_index[order]],
+                         "predicted as": [classes[j] for j in predicted_index[order]],
+                         "test images": [fmt(int(c)) for c in counts[order]],
+                         "share of the true class": [fmt(float(c) / float(class_sizes[i]))
+                                                     for c, i in zip(counts[order], true_index[order])]})
+
+
+def choose_top_losses(predictions: pd.DataFrame, count: int) -> pd.DataFrame:
+    """The wrong predictions made with the highest confidence, ties in test-split order."""
+    wrong = predictions[predictions["actual"] != predictions["predicted"]]
+    ordered = wrong.assign(_confidence=-wrong["confidence"].astype(float))
+    return ordered.sort_values(["_confidence", "index"], kind="stable").head(count).drop(columns="_confidence")
 
 
 def short(name: str, limit: int = 14) -> str:
@@ -381,7 +463,10 @@ def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | No
     curves_section(doc, inputs.history, out_dir)
     confusion_section(doc, matrix, classes, out_dir)
     per_class_section(doc, inputs.per_class, matrix, classes, out_dir)
+    confused_pairs_section(doc, matrix, classes)
+    calibration_section(doc, inputs, out_dir)
     samples_section(doc, inputs, samples, out_dir)
+    top_losses_section(doc, inputs, samples, out_dir)
     model_section(doc, inputs.checkpoint, classes)
     training_params_section(doc, inputs.checkpoint)
     pretrained_section(doc, inputs.checkpoint.get("pretrained"))
@@ -405,6 +490,10 @@ def metrics_section(doc: Document, inputs: Inputs) -> None:
     test = inputs.test_metrics.get("test", {})
     doc.heading(2, "Metrics")
     headline: dict[str, Any] = {"test accuracy": test.get("acc"), "test loss": test.get("loss")}
+    top_k = sorted(key for key in test if re.fullmatch(r"top\d+_accuracy", key))
+    for key in top_k:
+        headline[f"test top-{key[3:-9]} accuracy"] = test[key]
+    headline.update({label: test[key] for key, label in EXTRA_TEST_METRICS.items() if key in test})
     members = len(inputs.checkpoint["state_dicts"])
     # an ensemble's val metrics score the whole ensemble; its train metrics are the last member's last epoch
     when = {"train": "last epoch" if members == 1 else "last member, last epoch",
@@ -487,6 +576,59 @@ def samples_section(doc: Document, inputs: Inputs, samples: int, out_dir: Path) 
                   f"titles in red are wrong predictions ({wrong} of {len(chosen)}).")
 
 
+def confused_pairs_section(doc: Document, matrix: np.ndarray, classes: list[str]) -> None:
+    doc.heading(2, "Most confused pairs (test)")
+    pairs = confused_pairs(matrix, classes)
+    mistakes = int(matrix.sum() - np.trace(matrix))
+    if pairs.empty:
+        doc.paragraph("No test image was misclassified.")
+        return
+    shown = f"the {len(pairs)} most frequent" if len(pairs) == CONFUSED_PAIRS_SHOWN else "all"
+    doc.paragraph(f"{mistakes} misclassified test images; {shown} (true → predicted) pairs, with the share of "
+                  "the true class's test images that went that way:")
+    doc.table(pairs)
+
+
+def calibration_section(doc: Document, inputs: Inputs, out_dir: Path) -> None:
+    if not len(inputs.predictions):
+        return
+    doc.heading(2, "Calibration (test)")
+    table = calibration_table(inputs.predictions)
+    plot_reliability(table, out_dir / "reliability.png")
+    doc.image("reliability.png", "Reliability diagram: accuracy against confidence in 15 bins, images per bin")
+    ece = inputs.test_metrics.get("test", {}).get("ece")
+    ece_text = f"Expected calibration error {fmt(ece)}: " if ece is not None else ""
+    doc.paragraph(f"{ece_text}bars above the diagonal are under-confident, below it over-confident "
+                  f"({CALIBRATION_BINS} equal-width bins of the top-class probability; empty bins left out):")
+    filled = table[table["images"] > 0]
+    doc.table(pd.DataFrame({"confidence bin": [f"({lo:.3f}, {hi:.3f}]" for lo, hi in
+                                               zip(filled["lower"], filled["upper"])],
+                            "test images": [fmt(int(v)) for v in filled["images"]],
+                            "mean confidence": [fmt(float(v)) for v in filled["confidence"]],
+                            "accuracy": [fmt(float(v)) for v in filled["accuracy"]],
+                            "accuracy − confidence": [fmt_delta(round(float(a - c), 4)) for a, c in
+                                                      zip(filled["accuracy"], filled["confidence"])]}))
+
+
+def top_losses_section(doc: Document, inputs: Inputs, samples: int, out_dir: Path) -> None:
+    """The most confidently wrong test images, as many as report.samples."""
+    if samples <= 0 or not len(inputs.predictions):
+        return
+    doc.heading(2, "Top losses (test)")
+    chosen = choose_top_losses(inputs.predictions, samples)
+    if chosen.empty:
+        doc.paragraph("No test image was misclassified.")
+        return
+    plot_samples(chosen, inputs.images, inputs.classes, out_dir / "top_losses.png", top_loss_title, 3)
+    doc.image("top_losses.png", "The most confidently wrong test images with true class, prediction and probability")
+    doc.paragraph(f"The {len(chosen)} misclassified test images predicted with the highest probability "
+                  "(p = the predicted class's probability), highest first:")
+    doc.table(pd.DataFrame({"test image": [fmt(int(v)) for v in chosen["index"]],
+                            "true class": [inputs.classes[i] for i in chosen["actual"]],
+                            "predicted": [inputs.classes[i] for i in chosen["predicted"]],
+                            "probability": [fmt(float(v)) for v in chosen["confidence"]]}))
+
+
 def model_section(doc: Document, checkpoint: dict[str, Any], classes: list[str]) -> None:
     doc.heading(2, "Model")
     members = len(checkpoint["state_dicts"])
@@ -545,6 +687,8 @@ def data_section(doc: Document, meta: dict[str, Any], classes: list[str]) -> Non
     summary["skipped files"] = meta.get("skipped_count", len(meta.get("skipped", [])))
     doc.heading(2, "Data")
     doc.table(key_value_table(summary, "item", "value"))
+    if meta.get("warning"):  # normalize's imbalance warning: accuracy alone would hide the small classes
+        doc.paragraph(f"**Warning:** {meta['warning']}")
 
     counts = meta.get("counts", {})
     if counts:

@@ -307,3 +307,43 @@ def test_top_k_below_the_class_count_is_written(trained: Path, monkeypatch: pyte
     test = json.loads((trained / "metrics/test.json").read_text())["test"]
     assert list(test) == ["loss", "acc", "macro_f1", "balanced_accuracy", "top2_accuracy", "ece"]
     assert test["acc"] <= test["top2_accuracy"] <= 1.0
+
+
+# ---------------------------------------------------------------- the reliability diagram's data (calibration.csv)
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_calibration_rows_match_scikit_learns_calibration_curve(seed: int) -> None:
+    from sklearn.calibration import calibration_curve
+
+    from stages.evaluate import calibration_rows
+
+    logits, labels = random_case(seed)
+    confidence, predicted = logits.softmax(1).max(1)
+    correct = predicted == labels
+    rows = calibration_rows(confidence, correct)
+    accuracy, mean_confidence = calibration_curve(correct.numpy(), confidence.double().numpy(), n_bins=15)
+    assert [float(r[5]) for r in rows] == pytest.approx(accuracy.tolist(), abs=1e-6)
+    assert [float(r[4]) for r in rows] == pytest.approx(mean_confidence.tolist(), abs=1e-6)
+    assert sum(r[3] for r in rows) == len(labels) and all(r[3] > 0 for r in rows)
+    # the same bins as the ECE: it is the image-weighted mean gap of these rows
+    gap = sum(r[3] * abs(float(r[5]) - float(r[4])) for r in rows) / len(labels)
+    assert gap == pytest.approx(expected_calibration_error(confidence, correct), abs=1e-5)
+    for number, lower, upper, _images, mean, _accuracy in rows:
+        assert float(lower) == pytest.approx(number / 15, abs=1e-6) and float(lower) <= float(mean) <= float(upper)
+
+
+def test_calibration_csv_is_written_with_the_predictions(trained: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(trained)
+    tiny_params(trained, **{"train.epochs": 3})
+    evaluate(load_params())
+    first = (trained / "metrics/calibration.csv").read_bytes()
+    with open(trained / "metrics/calibration.csv") as handle:
+        table = list(csv.DictReader(handle))
+    assert list(table[0]) == ["bin", "lower", "upper", "images", "confidence", "accuracy"]
+    assert sum(int(r["images"]) for r in table) == 60
+    with open(trained / "metrics/predictions.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    right = sum(r["actual"] == r["predicted"] for r in rows)
+    assert sum(int(r["images"]) * float(r["accuracy"]) for r in table) == pytest.approx(right, abs=1e-4)
+    evaluate(load_params())
+    assert (trained / "metrics/calibration.csv").read_bytes() == first  # deterministic

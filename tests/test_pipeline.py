@@ -23,10 +23,11 @@ EXPECTED_OUTPUTS = (
     "data/prepared/train.pt", "data/prepared/val.pt", "data/prepared/test.pt", "data/prepared/meta.json",
     "models/model.pth", "models/model.onnx", "models/model.safetensors",
     "metrics/train.json", "metrics/history.csv", "metrics/test.json", "metrics/per_class.json",
-    "metrics/per_class.csv", "metrics/predictions.csv",
+    "metrics/per_class.csv", "metrics/predictions.csv", "metrics/calibration.csv",
     "reports/report.md",
 )
-PLOT_TITLES = ("Loss per epoch", "Accuracy per epoch", "Confusion matrix (test)", "Per-class test accuracy")
+PLOT_TITLES = ("Loss per epoch", "Accuracy per epoch", "Confusion matrix (test)", "Per-class test accuracy",
+               "Reliability diagram (test)")
 
 
 # ---------------------------------------------------------------- the first run and a no-op rerun

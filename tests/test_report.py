@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
 import pytest
 import torch
 import yaml
@@ -20,7 +22,7 @@ from stages import report
 from stages.common import PipelineError, make_checkpoint, save_torch, write_json
 
 CLASSES = ["cat", "dog", "frog"]
-PNGS = ["curves.png", "confusion.png", "per_class.png", "samples.png"]
+PNGS = ["curves.png", "confusion.png", "per_class.png", "samples.png", "reliability.png", "top_losses.png"]
 
 
 def write_workspace(root: Path, repo_root: Path, *, samples: int = 6, baseline: str | None = "main",
@@ -298,3 +300,126 @@ def test_disk_full_is_one_line_and_keeps_the_previous_report(workspace: Path, mo
         "error: reports: No space left on device; free some disk space and rerun"]
     assert {p.name: p.read_bytes() for p in (workspace / "reports").iterdir()} == before
     assert not [p.name for p in workspace.iterdir() if p.name.startswith(".reports")]  # no temporary folder left
+
+
+# ---------------------------------------------------------------- error analysis: confused pairs, calibration, losses
+
+# The fixture's predictions (labels are index % 3), with confidences that spread over the bins: 0.2 = 3/15 lies on a
+# bin edge and belongs to the lower bin (0.133, 0.2], as in evaluate's ECE.
+CONFIDENCES = [0.95, 0.9, 0.99, 0.5, 0.7, 0.8, 0.4, 0.99, 0.3, 0.6, 0.2, 0.85]
+FIXTURE_PREDICTED = [0, 1, 1, 0, 1, 0, 0, 0, 2, 2, 2, 1]
+
+
+def write_confidences(root: Path) -> None:
+    rows = [f"{i},{CLASSES[i % 3]},{CLASSES[p]},{c}" for i, (p, c) in enumerate(zip(FIXTURE_PREDICTED, CONFIDENCES))]
+    (root / "metrics/predictions.csv").write_text("index,actual,predicted,confidence\n" + "\n".join(rows) + "\n")
+    test = json.loads((root / "metrics/test.json").read_text())
+    test["test"].update({"macro_f1": 0.484127, "balanced_accuracy": 0.5, "ece": 0.3125})
+    write_json(root / "metrics/test.json", test)
+
+
+def test_most_confused_pairs_table(workspace: Path) -> None:
+    report.main()
+    text = read_report(workspace)
+    assert "\n## Most confused pairs (test)\n" in text
+    assert "6 misclassified test images; all (true → predicted) pairs" in text
+    table = text.split("## Most confused pairs (test)")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["| true class | predicted as | test images | share of the true class |",
+                    "| frog | dog | 2 | 0.5000 |",  # the most frequent first, ties by true then predicted class
+                    "| cat | frog | 1 | 0.2500 |", "| dog | cat | 1 | 0.2500 |", "| dog | frog | 1 | 0.2500 |",
+                    "| frog | cat | 1 | 0.2500 |"]
+
+
+def test_confused_pairs_are_capped_and_skip_the_diagonal() -> None:
+    matrix = np.full((5, 5), 3, dtype=np.int64)
+    np.fill_diagonal(matrix, 50)
+    matrix[4, 0] = 7
+    pairs = report.confused_pairs(matrix, list("abcde"))
+    assert len(pairs) == report.CONFUSED_PAIRS_SHOWN
+    assert pairs.iloc[0].tolist() == ["e", "a", "7", f"{7 / 66:.4f}"]
+    assert pairs.iloc[1].tolist() == ["a", "b", "3", f"{3 / 62:.4f}"]
+    assert not (pairs["true class"] == pairs["predicted as"]).any()
+    assert report.confused_pairs(np.diag([4, 5]), ["a", "b"]).empty
+
+
+def test_calibration_bins_match_a_direct_count_and_evaluates_ece(workspace: Path) -> None:
+    from stages.evaluate import expected_calibration_error
+
+    predictions = pd.DataFrame({"confidence": CONFIDENCES, "actual": [i % 3 for i in range(12)],
+                                "predicted": FIXTURE_PREDICTED})
+    table = report.calibration_table(predictions)
+    assert len(table) == 15 and table["images"].sum() == 12
+    edges = np.arange(16) / 15
+    correct = (predictions["actual"] == predictions["predicted"]).to_numpy()
+    for b, row in table.iterrows():
+        inside = [(c, ok) for c, ok in zip(CONFIDENCES, correct) if edges[b] < c <= edges[b + 1]]
+        assert row["images"] == len(inside)
+        if inside:
+            assert row["confidence"] == pytest.approx(np.mean([c for c, _ in inside]), abs=1e-12)
+            assert row["accuracy"] == pytest.approx(np.mean([ok for _, ok in inside]), abs=1e-12)
+        else:
+            assert np.isnan(row["confidence"]) and np.isnan(row["accuracy"])
+    assert table.loc[2, "images"] == 1  # 0.2 sits on the edge 3/15: the lower bin
+    filled = table[table["images"] > 0]
+    ece = float((filled["images"] * (filled["accuracy"] - filled["confidence"]).abs()).sum() / 12)
+    expected = expected_calibration_error(torch.tensor(CONFIDENCES, dtype=torch.float64), torch.tensor(correct))
+    assert ece == pytest.approx(expected, abs=1e-12)
+
+
+def test_calibration_section_and_reliability_diagram(workspace: Path) -> None:
+    write_confidences(workspace)
+    report.main()
+    text = read_report(workspace)
+    assert "\n## Calibration (test)\n" in text and "](reliability.png)" in text
+    assert "Expected calibration error 0.3125:" in text
+    assert "| confidence bin | test images | mean confidence | accuracy | accuracy − confidence |" in text
+    assert "| (0.133, 0.200] | 1 | 0.2000 | 0.0000 | -0.2000 |" in text
+    assert "| (0.933, 1.000] | 3 | 0.9767 | 0.3333 | -0.6433 |" in text  # 0.95 right, 0.99 and 0.99 wrong
+    assert "| test macro-F1 | 0.4841 |" in text and "| test balanced accuracy | 0.5000 |" in text
+    assert "| test expected calibration error (15 bins) | 0.3125 |" in text
+    assert_drawn(workspace / "reports/reliability.png")
+
+
+def test_top_losses_are_the_most_confidently_wrong(workspace: Path) -> None:
+    write_confidences(workspace)
+    report.main()
+    text = read_report(workspace)
+    assert "\n## Top losses (test)\n" in text and "](top_losses.png)" in text
+    table = text.split("## Top losses (test)")[1].split("\n## ")[0]
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["| test image | true class | predicted | probability |",
+                    "| 2 | frog | dog | 0.9900 |", "| 7 | dog | cat | 0.9900 |",  # a tie: test-split order
+                    "| 11 | frog | dog | 0.8500 |", "| 5 | frog | cat | 0.8000 |", "| 9 | cat | frog | 0.6000 |",
+                    "| 10 | dog | frog | 0.2000 |"]
+    assert_drawn(workspace / "reports/top_losses.png")
+    chosen = report.choose_top_losses(pd.DataFrame({"index": range(12), "actual": [i % 3 for i in range(12)],
+                                                    "predicted": FIXTURE_PREDICTED, "confidence": CONFIDENCES}), 2)
+    assert chosen["index"].tolist() == [2, 7]
+
+
+def test_error_analysis_without_mistakes(workspace: Path) -> None:
+    rows = [f"{i},{CLASSES[i % 3]},{CLASSES[i % 3]},0.9" for i in range(12)]
+    predictions = "index,actual,predicted,confidence\n" + "\n".join(rows) + "\n"
+    (workspace / "metrics/predictions.csv").write_text(predictions)
+    report.main()
+    text = read_report(workspace)
+    assert text.count("No test image was misclassified.") == 2  # confused pairs and top losses
+    assert not (workspace / "reports/top_losses.png").exists()
+    assert (workspace / "reports/reliability.png").is_file()
+
+
+def test_error_analysis_figures_are_byte_identical(workspace: Path) -> None:
+    write_confidences(workspace)
+    report.main()
+    first = {name: (workspace / "reports" / name).read_bytes() for name in ("reliability.png", "top_losses.png")}
+    report.main()
+    assert first == {name: (workspace / "reports" / name).read_bytes() for name in first}
+
+
+def assert_drawn(path: Path) -> None:
+    """A real figure: a PNG of a sensible size whose pixels are not all one colour."""
+    with Image.open(path) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[0] > 200 and pixels.shape[1] > 200
+    assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
