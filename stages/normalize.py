@@ -5,7 +5,8 @@
   training data; only evaluate touches test.
 - meta.json: class names, image size, the per-channel normalization (`normalize.stats`: `dataset` = mean/std of
   the training split's pixels scaled to 0..1, `fixed` = the seed's 0.5/0.5), sample counts per split and class,
-  the source description written by download, and any skipped unreadable files. It is also the data summary the
+  the source description written by download, and any skipped unreadable files, and (only then) a `warning` when
+  the training split's largest class has >= 3x the images of its smallest. It is also the data summary the
   report shows.
 
 CIFAR-10 and synthetic data are 32x32 already (resized only when data.image_size differs); image folders are
@@ -38,6 +39,7 @@ from stages.paths import CIFAR10_DIR, IMAGES_ZIP, META_JSON, SOURCE_JSON, TEST_S
 
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))  # the CIFAR-10 python format's file names
 SPLIT_FILES = {"train": TRAIN_SPLIT, "val": VAL_SPLIT, "test": TEST_SPLIT}
+IMBALANCE_RATIO = 3  # largest / smallest training class at which the data summary warns
 _RESIZE_CHUNK = 2048  # images resized per call: bounds the temporary memory
 # What a damaged zip raises by case (RuntimeError: encrypted member; NotImplementedError: unknown compression)
 _ZIP_READ_ERRORS = (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error)
@@ -81,6 +83,9 @@ def normalize(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
         "skipped": skipped,
         "skipped_count": len(skipped),
     }
+    warning = imbalance_warning(meta["counts"]["train"])
+    if warning:  # only then: a balanced data set keeps the meta.json bytes it had before this key existed
+        meta["warning"] = warning
     # Everything is computed before the first write, so a failure leaves the previous outputs untouched.
     for name, (images, labels) in splits.items():
         save_torch({"images": _compact(images), "labels": _compact(labels.to(torch.int64))}, SPLIT_FILES[name])
@@ -88,6 +93,8 @@ def normalize(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     counts = meta["splits"]
     log(f"normalize: {len(classes)} classes, {counts['train']} train / {counts['val']} val / {counts['test']} test "
         f"images at {size}x{size}, {len(skipped)} skipped, in {time.perf_counter() - started:.1f} s")
+    if warning:
+        log(f"warning: {warning}")
     return meta
 
 
@@ -323,6 +330,20 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     mean = [s / (count * 255) for s in total.tolist()]
     std = [math.sqrt((q * count - s * s) / (count * count)) / 255 for s, q in zip(total.tolist(), squares.tolist())]
     return mean, std
+
+
+def imbalance_warning(train_counts: dict[str, int]) -> str | None:
+    """The data summary's warning when the training split's largest class has at least IMBALANCE_RATIO times the
+    images of its smallest (a model then learns to favour the large classes), else None."""
+    smallest = min(train_counts, key=train_counts.__getitem__)  # ties: the first class in class order
+    largest = max(train_counts, key=train_counts.__getitem__)
+    few, many = train_counts[smallest], train_counts[largest]
+    if many < IMBALANCE_RATIO * few:
+        return None
+    ratio = f" ({many / few:.1f}x as many)" if few else ""
+    return (f"the classes are imbalanced: in the training split, {smallest!r} has {few} images and {largest!r} "
+            f"{many}{ratio}; accuracy then hides the small classes (see balanced accuracy and per-class "
+            f"recall), and train.class_weights: balanced weights the loss against it")
 
 
 def class_counts(labels: torch.Tensor, classes: list[str]) -> dict[str, int]:

@@ -194,16 +194,66 @@ class Run:
                            self.meta["image_size"], self.meta["mean"], self.meta["std"])
 
 
+def cap_batch_size(cfg: dict[str, Any], n_train: int, world: int, rank: int) -> dict[str, Any]:
+    """The train params with the batch no larger than the training split, so a small image folder trains on the
+    defaults (one full-batch step per epoch, as deterministic as any other run). The cap is a multiple of the
+    process count, and it is what the checkpoint's train config records; a batch that fits is left alone, so
+    those runs keep their bytes."""
+    if cfg["batch_size"] <= n_train:
+        return cfg
+    capped = n_train - n_train % world
+    if capped < 2 * world:  # BatchNorm needs >= 2 images in every process's share
+        raise PipelineError(f"train.batch_size: the training split ({n_train} images) is too small for "
+                            f"train.nproc={world} processes; use fewer processes or more images")
+    if rank == 0:
+        log(f"train.batch_size: {cfg['batch_size']} is larger than the training split ({n_train} images); "
+            f"training with batch {capped}")
+    return {**cfg, "batch_size": capped}
+
+
+def balanced_class_weights(labels: torch.Tensor, n_classes: int) -> list[float]:
+    """scikit-learn's compute_class_weight('balanced'): n_samples / (n_classes * images of the class), in float64,
+    so a class with half the images weighs twice as much in the loss."""
+    counts = torch.bincount(labels.cpu(), minlength=n_classes).tolist()
+    return [len(labels) / (n_classes * count) for count in counts]
+
+
+def with_class_weights(cfg: dict[str, Any], labels: torch.Tensor, classes: list[str], rank: int) -> dict[str, Any]:
+    """The train params plus `class_weight_values` (class name -> loss weight) when train.class_weights is
+    balanced, so the checkpoint's train config says which weights the loss used; `none` runs are left alone and
+    keep their bytes."""
+    if cfg["class_weights"] == "none":
+        return cfg
+    counts = torch.bincount(labels.cpu(), minlength=len(classes)).tolist()
+    empty = [name for name, count in zip(classes, counts) if count == 0]
+    if empty:  # its weight would be infinite (scikit-learn refuses it too)
+        raise PipelineError(f"train.class_weights: balanced needs a training image of every class, and class "
+                            f"{empty[0]!r} has none in {TRAIN_SPLIT}; add images of it or set "
+                            f"train.class_weights: none")
+    weights = dict(zip(classes, balanced_class_weights(labels, len(classes))))
+    if rank == 0:
+        log("train.class_weights: balanced, loss weights " + ", ".join(f"{name} {weight:.3g}"
+                                                                       for name, weight in weights.items()))
+    return {**cfg, "class_weight_values": weights}
+
+
+def loss_function(cfg: dict[str, Any], device: torch.device) -> nn.Module:
+    """Cross-entropy with the configured label smoothing, weighted per class when with_class_weights set weights
+    (the mean over a batch is then the weighted mean, as in torch's CrossEntropyLoss)."""
+    weights = cfg.get("class_weight_values")
+    weight = None if weights is None else torch.tensor(list(weights.values()), dtype=torch.float32, device=device)
+    return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg["label_smoothing"])
+
+
 def load_run(cfg: dict[str, Any], device: torch.device, rank: int, world: int) -> Run:
-    """Read the prepared data and check that the batch size fits it."""
+    """Read the prepared data and fit the batch size to it (cap_batch_size)."""
     meta = read_json(META_JSON, "data summary")
     train_images, train_labels = load_split(TRAIN_SPLIT)
     val_images, val_labels = load_split(VAL_SPLIT)
     if train_images.shape[0] < 2:
         raise PipelineError(f"{TRAIN_SPLIT}: the training split has {train_images.shape[0]} images")
-    if cfg["batch_size"] > train_images.shape[0]:
-        raise PipelineError(f"train.batch_size: {cfg['batch_size']} is larger than the training split "
-                            f"({train_images.shape[0]} images)")
+    cfg = cap_batch_size(cfg, train_images.shape[0], world, rank)
+    cfg = with_class_weights(cfg, train_labels, meta["classes"], rank)
     if cfg["batch_size"] % world:
         raise PipelineError(f"train.batch_size: {cfg['batch_size']} must be divisible by train.nproc={world}")
     schedule = plan_schedule(cfg, train_images.shape[0], world, meta["image_size"])
@@ -320,7 +370,7 @@ def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:
     # airnet freezes its stem bias after a few epochs; DDP must then expect a parameter without a gradient.
     net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=hasattr(model.net, "on_epoch_start"))
            if run.world > 1 else model)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
+    loss_fn = loss_function(cfg, device)
     return Member(index, seed, model, net, optimizers, scaler, averaging, loss_fn, dtype, orientations,
                   cutout_fill, start_epoch)
 
@@ -492,6 +542,7 @@ def train_member(run: Run, index: int, resume: dict[str, Any] | None) -> dict[st
         record_epoch(run, member, epoch, stats, val, train_seconds)
         if run.rank == 0:
             save_resume(run, member, epoch + 1)
+            write_progress(run)
     return final_weights(member)
 
 
@@ -503,6 +554,20 @@ def write_history(rows: list[dict[str, Any]]) -> None:
         return "" if value is None else (f"{value:.6g}" if isinstance(value, float) else str(value))
     lines = [",".join(HISTORY_COLUMNS)] + [",".join(cell(row[c]) for c in HISTORY_COLUMNS) for row in rows]
     write_text(HISTORY_CSV, "\n".join(lines) + "\n")
+
+
+def write_progress(run: Run) -> None:
+    """metrics/history.csv and metrics/train.json as they stand after this epoch (after the resume checkpoint,
+    so they never run ahead of what a resumed run continues from), for `dvc exp show` and `dvc plots` during a
+    run. train.json has the final file's layout with the latest epoch's numbers (for an ensemble: the member in
+    training); write_outputs replaces both with the finished run's."""
+    last = run.history[-1]
+    metrics: dict[str, Any] = {"train": {"loss": round(last["train_loss"], 6), "acc": round(last["train_acc"], 6)}}
+    if last["val_loss"] is not None:
+        metrics["val"] = {"loss": round(last["val_loss"], 6), "acc": round(last["val_acc"], 6)}
+    metrics["epochs"] = max(row["epoch"] for row in run.history)
+    write_json(TRAIN_METRICS, metrics)
+    write_history(run.history)
 
 
 def train_metrics(run: Run, checkpoint: dict[str, Any]) -> dict[str, Any]:
@@ -546,6 +611,8 @@ def train(params: dict[str, Any]) -> None:
     pretrained = pretrained_record(cfg)
     run.fingerprint = fingerprint(params, world)
     resume = resume_run(run)
+    if resume is not None and rank == 0:  # DVC deleted the outputs before the rerun: show the resumed state now
+        write_progress(run)
     for index in range(len(run.members), cfg["ensemble"]):
         in_progress = resume if resume is not None and resume["member"] == index else None
         run.members.append(train_member(run, index, in_progress))

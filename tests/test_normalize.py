@@ -462,3 +462,32 @@ def test_real_cifar10_jpeg_sample(workdir: Path) -> None:
     pillow = torch.from_numpy(np.array(Image.open(io.BytesIO(first_jpeg)).convert("RGB"))).permute(2, 0, 1)
     from stages.images import decode_image
     assert (decode_image(first_jpeg, 32, "real.jpg").int() - pillow.int()).abs().max().item() <= 1
+
+
+# ---------------------------------------------------------------- class imbalance
+
+
+def test_imbalanced_training_split_warns_in_meta_and_log(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    source_folder({"train": {"cat": 9, "dog": 3, "fox": 5}, "test": {"cat": 1, "dog": 1, "fox": 1}})
+    capsys.readouterr()
+    meta = run("data/sources/pets")
+    assert meta["counts"]["train"] == {"cat": 9, "dog": 3, "fox": 5}
+    assert meta["warning"] == ("the classes are imbalanced: in the training split, 'dog' has 3 images and 'cat' 9 "
+                               "(3.0x as many); accuracy then hides the small classes (see balanced accuracy and "
+                               "per-class recall), and train.class_weights: balanced weights the loss against it")
+    assert list(meta)[-1] == "warning"
+    assert f"warning: {meta['warning']}" in capsys.readouterr().out.splitlines()
+
+
+def test_below_three_times_there_is_no_warning_key(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    source_folder({"train": {"cat": 8, "dog": 3}, "test": {"cat": 1, "dog": 1}})  # 2.67x: no warning
+    capsys.readouterr()
+    meta = run("data/sources/pets")
+    assert "warning" not in meta and "warning:" not in capsys.readouterr().out
+
+
+def test_imbalance_warning_rule() -> None:
+    assert normalize.imbalance_warning({"a": 5, "b": 5}) is None
+    assert normalize.imbalance_warning({"a": 2, "b": 5}) is None
+    assert "'a' has 2 images and 'b' 6 (3.0x as many);" in normalize.imbalance_warning({"a": 2, "b": 6, "c": 6})
+    assert "'b' has 0 images and 'a' 4;" in normalize.imbalance_warning({"a": 4, "b": 0})

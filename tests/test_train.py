@@ -21,10 +21,10 @@ import torch
 
 from prepared_data import tiny_params, write_prepared
 from repo_root import REPO_ROOT
-from stages.common import PipelineError, load_checkpoint
-from stages.config import load_params
+from stages.common import PipelineError, load_checkpoint, save_torch
+from stages.config import ParamsError, load_params
 from stages.optim import Muon, lr_factor, orthogonalize
-from stages.train import train
+from stages.train import balanced_class_weights, cap_batch_size, train
 
 
 def md5(path: Path) -> str:
@@ -88,10 +88,32 @@ def test_divergence_stops_with_epoch_and_step_and_saves_nothing(workdir: Path) -
     assert not (workdir / "models" / "model.pth").exists()
 
 
-def test_batch_larger_than_data_is_refused(workdir: Path) -> None:
-    tiny_params(workdir, **{"train.batch_size": 1000})
-    with pytest.raises(PipelineError, match="train.batch_size: 1000 is larger than the training split"):
-        train(load_params())
+def test_batch_larger_than_a_small_split_is_capped_to_the_split(workdir: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    """A few dozen images train on the default batch: one full-batch step per epoch, recorded in the
+    checkpoint, and the same bytes as asking for that batch directly."""
+    write_prepared(workdir, n_train=24)
+    tiny_params(workdir, **{"train.batch_size": 1000, "train.epochs": 3})
+    train(load_params())
+    assert ("train.batch_size: 1000 is larger than the training split (24 images); training with batch 24"
+            in capsys.readouterr().out)
+    assert load_checkpoint(workdir / "models" / "model.pth")["train"]["batch_size"] == 24
+    assert len(history(workdir)) == 3
+    capped = [md5(workdir / p) for p in ("models/model.pth", "metrics/history.csv", "metrics/train.json")]
+    train(load_params())
+    assert [md5(workdir / p) for p in ("models/model.pth", "metrics/history.csv", "metrics/train.json")] == capped
+    capsys.readouterr()
+    tiny_params(workdir, **{"train.batch_size": 24, "train.epochs": 3})
+    train(load_params())
+    assert "larger than the training split" not in capsys.readouterr().out
+    assert [md5(workdir / p) for p in ("models/model.pth", "metrics/history.csv", "metrics/train.json")] == capped
+
+
+def test_a_split_too_small_for_every_process_is_refused(workdir: Path) -> None:
+    tiny_params(workdir, **{"train.batch_size": 1000, "train.nproc": 2})
+    with pytest.raises(PipelineError, match=r"train.batch_size: the training split \(3 images\) is too small for "
+                                            r"train.nproc=2"):
+        cap_batch_size(load_params()["train"], 3, world=2, rank=0)
 
 
 def test_stale_resume_file_is_ignored(workdir: Path, capsys: pytest.CaptureFixture) -> None:
@@ -411,3 +433,99 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_model(workdir
         "error: models/model.pth: No space left on device; free some disk space and rerun"]
     assert md5(model) == before
     assert sorted(p.name for p in model.parent.iterdir()) == ["model.pth", "resume"]  # no temporary file left
+
+
+def history_rows(path: Path) -> int:
+    try:
+        return len(path.read_text().splitlines()) - 1
+    except FileNotFoundError:
+        return 0
+
+
+def test_history_and_train_json_are_written_after_every_epoch_and_a_resume_continues_them(workdir: Path) -> None:
+    """Live progress for `dvc exp show`: a run killed after epoch k has k history rows and a train.json of
+    epoch k; the resumed run ends with the same bytes as an uninterrupted one."""
+    tiny_params(workdir, **{"train.model": "airnet", "train.airnet.widths": [8, 16, 16], "train.epochs": 8,
+                            "train.averaging": "lookahead", "train.averaging_start": 1.0})
+    outputs = ["models/model.pth", "metrics/history.csv", "metrics/train.json"]
+    assert stage(workdir).wait(timeout=300) == 0
+    reference = [md5(workdir / p) for p in outputs]
+    final_rows = history(workdir)
+    for path in outputs:
+        (workdir / path).unlink()
+
+    process = stage(workdir)
+    deadline = time.time() + 120
+    while history_rows(workdir / "metrics" / "history.csv") < 2 and time.time() < deadline:
+        time.sleep(0.02)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (workdir / "models" / "model.pth").exists(), "the run ended before it could be killed"
+    rows = history(workdir)
+    done = len(rows)
+    assert 2 <= done < 8 and rows == final_rows[:done]
+    progress = json.loads((workdir / "metrics" / "train.json").read_text())
+    assert progress["epochs"] == done
+    assert progress["train"]["loss"] == pytest.approx(float(final_rows[done - 1]["train_loss"]), rel=1e-5)
+    assert set(progress) == {"train", "val", "epochs"}
+
+    rerun = stage(workdir)
+    output, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, output
+    assert "resuming after epoch" in output
+    assert [md5(workdir / p) for p in outputs] == reference
+
+
+# ---------------------------------------------------------------- class weights (train.class_weights)
+
+
+def make_imbalanced(root: Path) -> list[int]:
+    """Keep 12 of class 3's 60 training images (the others stay at 60): 5x fewer. Returns the class counts."""
+    split = torch.load(root / "data" / "prepared" / "train.pt")
+    labels = split["labels"]
+    keep = (labels != 3) | (torch.cumsum(labels == 3, 0) <= 12)
+    save_torch({"images": split["images"][keep].contiguous(), "labels": labels[keep].contiguous()},
+               root / "data" / "prepared" / "train.pt")
+    return torch.bincount(labels[keep], minlength=4).tolist()
+
+
+def test_balanced_weights_are_scikit_learns() -> None:
+    from sklearn.utils.class_weight import compute_class_weight
+    labels = torch.tensor([0] * 7 + [1] * 50 + [2] * 3 + [3] * 13 + [4])
+    expected = compute_class_weight("balanced", classes=torch.arange(5).numpy(), y=labels.numpy())
+    assert balanced_class_weights(labels, 5) == pytest.approx(expected.tolist(), rel=1e-12)
+
+
+def test_balanced_class_weights_change_the_run_deterministically(workdir: Path) -> None:
+    counts = make_imbalanced(workdir)
+    outputs = ["models/model.pth", "metrics/history.csv", "metrics/train.json"]
+    tiny_params(workdir, **{"train.epochs": 2})
+    train(load_params())
+    unweighted = [md5(workdir / p) for p in outputs]
+    assert "class_weight_values" not in load_checkpoint(workdir / "models" / "model.pth")["train"]
+    tiny_params(workdir, **{"train.epochs": 2, "train.class_weights": "balanced"})
+    train(load_params())
+    weighted = [md5(workdir / p) for p in outputs]
+    assert weighted[0] != unweighted[0] and weighted[1] != unweighted[1]
+    recorded = load_checkpoint(workdir / "models" / "model.pth")["train"]["class_weight_values"]
+    total = sum(counts)
+    assert recorded == {f"class{i}": total / (4 * count) for i, count in enumerate(counts)}
+    train(load_params())
+    assert [md5(workdir / p) for p in outputs] == weighted
+
+
+def test_balanced_weights_need_every_class_in_the_training_split(workdir: Path) -> None:
+    split = torch.load(workdir / "data" / "prepared" / "train.pt")
+    keep = split["labels"] != 2
+    save_torch({"images": split["images"][keep].contiguous(), "labels": split["labels"][keep].contiguous()},
+               workdir / "data" / "prepared" / "train.pt")
+    tiny_params(workdir, **{"train.class_weights": "balanced"})
+    with pytest.raises(PipelineError, match=r"^train\.class_weights: balanced needs a training image of every "
+                                            r"class, and class 'class2' has none in data/prepared/train\.pt"):
+        train(load_params())
+
+
+def test_unknown_class_weights_setting_names_the_key(workdir: Path) -> None:
+    tiny_params(workdir, **{"train.class_weights": "inverse"})
+    with pytest.raises(ParamsError, match=r"^train\.class_weights: expected one of"):
+        load_params()

@@ -1,0 +1,79 @@
+"""Class imbalance on real data: an imbalanced subset of the CIFAR-10 JPEG copy (the first five classes keep
+`--keep` of their images, 10% by default, in the training and the test split alike), trained with
+`train.class_weights: none` and `balanced` on the same preset, printing test accuracy, balanced accuracy and
+macro-F1 of each.
+
+    python bench/imbalance.py                # the fc preset (seconds per run)
+    python bench/imbalance.py airnet-fast    # another preset from presets/
+
+The subset is made by this script in a temporary workspace (nothing in the repository is touched); which images
+are kept is fixed (the first ones of each class folder, in name order), so reruns train on the same data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import zipfile
+from pathlib import Path
+
+from workspace import CIFAR_JPEG_ZIP, REPO_ROOT, header, make_workspace, read_metrics, run_stage
+
+sys.path.insert(0, str(REPO_ROOT / "tools"))
+from preset import read_preset  # noqa: E402  (tools/ is not a package)
+
+RARE_CLASSES = 5  # the first five classes, in sorted order (airplane, automobile, bird, cat, deer)
+
+
+def imbalanced_zip(target: Path, keep: float) -> dict[str, int]:
+    """Copy the CIFAR-10 JPEG zip into `target`, keeping `keep` of the rare classes' images (train and test);
+    returns the training images per class."""
+    with zipfile.ZipFile(CIFAR_JPEG_ZIP) as source:
+        names = sorted(name for name in source.namelist() if name.lower().endswith(".jpg"))
+        by_class: dict[tuple[str, str], list[str]] = {}
+        for name in names:
+            *_, split, cls, _file = name.split("/")
+            by_class.setdefault((split, cls), []).append(name)
+        classes = sorted({cls for _, cls in by_class})
+        rare = set(classes[:RARE_CLASSES])
+        counts: dict[str, int] = {}
+        with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:
+            for (split, cls), members in sorted(by_class.items()):
+                if cls in rare:
+                    members = members[:round(len(members) * keep)]
+                if split == "train":
+                    counts[cls] = len(members)
+                for name in members:
+                    out.writestr(name, source.read(name))
+    return counts
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("preset", nargs="?", default="fc", help="a preset from presets/ (default: fc)")
+    parser.add_argument("--keep", type=float, default=0.1, help="share of the rare classes' training images kept")
+    args = parser.parse_args()
+    header(f"class imbalance: CIFAR-10 JPEG, classes 0-{RARE_CLASSES - 1} at {args.keep:.0%} of their training "
+           f"images (train and test), preset {args.preset}")
+    root = make_workspace()
+    source = root / "data" / "sources" / "imbalanced.zip"
+    counts = imbalanced_zip(source, args.keep)
+    print(f"workspace: {root}\ntraining images per class: {counts}")
+    data = {"data.source": "data/sources/imbalanced.zip", "data.val_fraction": 0.0}
+    run_stage(root, "download", data, quiet=True)
+    run_stage(root, "normalize", data, quiet=True)
+    rows = []
+    for weights in ("none", "balanced"):
+        overrides = {**data, **read_preset(args.preset), "data.val_fraction": 0.0, "train.class_weights": weights}
+        seconds = run_stage(root, "train", overrides, quiet=True) + run_stage(root, "evaluate", overrides, quiet=True)
+        test = read_metrics(root)["test"]
+        rows.append((weights, test["acc"], test["balanced_accuracy"], test["macro_f1"], seconds))
+        print(f"class_weights {weights:<8s} acc {test['acc']:.4f}  balanced acc {test['balanced_accuracy']:.4f}  "
+              f"macro-F1 {test['macro_f1']:.4f}  ({seconds:.0f} s)", flush=True)
+    print("\n| train.class_weights | test accuracy | balanced accuracy | macro-F1 | train + evaluate (s) |")
+    print("|---|---|---|---|---|")
+    for weights, acc, balanced, f1, seconds in rows:
+        print(f"| {weights} | {100 * acc:.2f}% | {100 * balanced:.2f}% | {f1:.4f} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
