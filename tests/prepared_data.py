@@ -51,3 +51,21 @@ def tiny_params(root: Path, **overrides: Any) -> dict[str, Any]:
         set_dotted(params, dotted, value)
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return params
+
+
+def train_tiny(root: Path, epochs: int = 3) -> None:
+    """Write the tiny data and params into `root` and train there: the stages read paths relative to the working
+    directory, which is restored afterwards."""
+    import os
+
+    from stages.config import load_params
+    from stages.train import train
+
+    previous = Path.cwd()
+    try:
+        os.chdir(root)
+        write_prepared(root)
+        tiny_params(root, **{"train.epochs": epochs})
+        train(load_params())
+    finally:
+        os.chdir(previous)

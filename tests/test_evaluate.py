@@ -12,26 +12,17 @@ import pytest
 import torch
 from sklearn import metrics as sklearn_metrics  # a test dependency only (pyproject's `test` extra)
 
-from prepared_data import tiny_params, write_prepared
+from prepared_data import tiny_params, train_tiny, write_prepared
 from stages.common import PipelineError, load_checkpoint, load_split, save_torch
 from stages.config import ParamsError, load_params
 from stages.evaluate import class_scores, confusion_counts, evaluate, expected_calibration_error, summary_metrics
 from stages.models import infer, model_from_checkpoint
-from stages.train import train
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("evaluate")
-    cwd = Path.cwd()
-    try:
-        import os
-        os.chdir(root)
-        write_prepared(root)
-        tiny_params(root, **{"train.epochs": 3})
-        train(load_params())
-    finally:
-        os.chdir(cwd)
+    train_tiny(root)
     return root
 
 

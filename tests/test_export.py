@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from pipeline_repo import Baseline, dvc_executable
-from prepared_data import tiny_params, write_prepared
+from prepared_data import train_tiny
 from stages import deploy, images
 from stages.common import PipelineError, load_checkpoint, load_split, make_checkpoint
 from stages.config import load_params, model_config_of
@@ -33,13 +33,10 @@ OUTPUTS = ("models/model.onnx", "models/model.safetensors")
 def trained(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny CNN trained on the helpers' learnable data (decisive predictions), then exported by the stage."""
     root = tmp_path_factory.mktemp("export")
+    train_tiny(root)
     cwd = Path.cwd()
     try:
         os.chdir(root)
-        write_prepared(root)
-        tiny_params(root, **{"train.epochs": 3})
-        from stages.train import train
-        train(load_params())
         export(load_params())
     finally:
         os.chdir(cwd)

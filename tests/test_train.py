@@ -481,7 +481,7 @@ def test_history_and_train_json_are_written_after_every_epoch_and_a_resume_conti
 
 def make_imbalanced(root: Path) -> list[int]:
     """Keep 12 of class 3's 60 training images (the others stay at 60): 5x fewer. Returns the class counts."""
-    split = torch.load(root / "data" / "prepared" / "train.pt")
+    split = torch.load(root / "data" / "prepared" / "train.pt", weights_only=True)
     labels = split["labels"]
     keep = (labels != 3) | (torch.cumsum(labels == 3, 0) <= 12)
     save_torch({"images": split["images"][keep].contiguous(), "labels": labels[keep].contiguous()},
@@ -515,7 +515,7 @@ def test_balanced_class_weights_change_the_run_deterministically(workdir: Path) 
 
 
 def test_balanced_weights_need_every_class_in_the_training_split(workdir: Path) -> None:
-    split = torch.load(workdir / "data" / "prepared" / "train.pt")
+    split = torch.load(workdir / "data" / "prepared" / "train.pt", weights_only=True)
     keep = split["labels"] != 2
     save_torch({"images": split["images"][keep].contiguous(), "labels": split["labels"][keep].contiguous()},
                workdir / "data" / "prepared" / "train.pt")
