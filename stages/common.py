@@ -284,13 +284,16 @@ def cpu_supports_bf16() -> bool:
 def make_checkpoint(*, model: str, model_config: dict[str, Any], classes: list[str], image_size: int,
                     mean: list[float], std: list[float], state_dicts: list[dict[str, torch.Tensor]],
                     train: dict[str, Any] | None = None, pretrained: dict[str, str] | None = None,
-                    epochs_completed: float | None = None) -> dict[str, Any]:
+                    epochs_completed: float | None = None,
+                    selection: dict[str, Any] | None = None) -> dict[str, Any]:
     """The self-describing checkpoint that train writes and load_checkpoint reads: everything needed to rebuild
     the model and feed it (architecture and its config, class names, input size, normalization), the weights of
-    each ensemble member, and how it was trained. Key order is fixed, so the same run saves the same bytes."""
+    each ensemble member, and how it was trained: the params, the epochs trained and, in `selection`, which epoch
+    each member's weights come from and why (stages/selection.py). Key order is fixed, so the same run saves the
+    same bytes."""
     return {"format": CHECKPOINT_FORMAT, "model": model, "model_config": model_config, "classes": classes,
             "image_size": image_size, "mean": mean, "std": std, "state_dicts": state_dicts, "train": train,
-            "pretrained": pretrained, "epochs_completed": epochs_completed,
+            "pretrained": pretrained, "epochs_completed": epochs_completed, "selection": selection,
             "torch_version": torch.__version__.split("+")[0]}
 
 

@@ -28,6 +28,7 @@ from stages.common import PipelineError
 
 PARAMS_FILE = "params.yaml"
 MODELS = ("mlp", "cnn", "airnet", "resnet18")
+MONITORS = ("val_loss", "val_acc", "val_macro_f1")  # train.monitor: what model selection compares, per epoch
 RESOLUTION_FREE = ("cnn", "airnet")  # end in global pooling, so train.low_res can shrink their input
 URL_SCHEMES = ("http", "https", "file")
 # the train params that are phase lengths: a number of epochs, or "N%" of train.epochs (see Phase, phase_epochs)
@@ -175,6 +176,9 @@ SCHEMA: dict[str, Any] = {
         "pretrained": Text(describe="none or a path to a torchvision state_dict file"),
         "freeze_backbone": Bool(),
         "epochs": Num(gt=0),  # fractions allowed: short benchmark runs and schedules in epochs
+        "keep": Choice(("last", "best")),
+        "monitor": Choice(MONITORS),
+        "patience": Num(integer=True, ge=0),
         "batch_size": Num(integer=True, ge=1),
         "optimizer": Choice(("sgd", "muon")),
         "muon": {"lr": Num(gt=0), "momentum": Num(ge=0, lt=1)},
@@ -282,10 +286,24 @@ def _check_training_relations(params: dict[str, Any]) -> None:
     if train["augment"]["cutout"] > image_size:
         raise ParamsError(f"train.augment.cutout: a {train['augment']['cutout']} px square is larger than the "
                           f"{image_size} px images (data.image_size); expected at most {image_size}, or 0 (off)")
+    _check_selection(params)
     last_seed = train["seed"] + train["ensemble"] - 1
     if last_seed > SEED_MAX:
         raise ParamsError(f"train.seed: ensemble member {train['ensemble']} would train with seed {last_seed} "
                           f"(train.seed + member index); expected train.seed + train.ensemble - 1 <= {SEED_MAX}")
+
+
+def _check_selection(params: dict[str, Any]) -> None:
+    """train.keep: best and train.patience compare epochs on the validation split, so they need one (train checks
+    at its start that the split it reads has images, and of 2 classes for val_macro_f1)."""
+    train = params["train"]
+    users = [f"train.{key}: {train[key]}" for key, on in (("keep", train["keep"] == "best"),
+                                                          ("patience", train["patience"] > 0)) if on]
+    if users and params["data"]["val_fraction"] == 0:
+        raise ParamsError(f"{' and '.join(users)} compare{'s' if len(users) == 1 else ''} epochs by "
+                          f"train.monitor ({train['monitor']}) on the validation split, but data.val_fraction is 0 "
+                          f"(no validation split); set data.val_fraction (e.g. 0.1), or train.keep: last and "
+                          f"train.patience: 0")
 
 
 # ---------------------------------------------------------------- model sizes (stages.models builds the models)

@@ -7,13 +7,13 @@ metrics/calibration.csv (accuracy and mean confidence per non-empty ECE bin: the
 The metrics follow scikit-learn's definitions (tests/test_evaluate.py checks them against it): a ratio with a zero
 denominator (the precision of a class never predicted, the recall of a class without test images) is reported as
 0, as scikit-learn's `zero_division=0`; the support column says which classes had no test images. Macro-F1 averages
-the classes that occur among the labels or the predictions, balanced accuracy the classes that have test images."""
+the classes that occur among the labels or the predictions, balanced accuracy the classes that have test images
+(stages/scores.py, which train shares for train.monitor: val_macro_f1)."""
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,7 @@ from stages.config import load_params
 from stages.models import infer, inference_settings, model_from_checkpoint
 from stages.paths import (CALIBRATION_CSV, MODEL_PATH, PER_CLASS_CSV, PER_CLASS_JSON, PREDICTIONS_CSV, TEST_METRICS,
                           TEST_SPLIT)
+from stages.scores import ClassScores, class_scores, confusion_counts
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (the usual choice since Guo et al.)
 
@@ -34,37 +35,6 @@ def to_csv(header: list[str], rows: list[list[object]]) -> str:
     writer.writerow(header)
     writer.writerows(rows)
     return buffer.getvalue()
-
-
-@dataclass(frozen=True)
-class ClassScores:
-    """Per-class scores, float64, one entry per class index."""
-    precision: torch.Tensor
-    recall: torch.Tensor
-    f1: torch.Tensor
-    support: torch.Tensor  # int64: test images of the class
-    predicted: torch.Tensor  # int64: test images predicted as the class
-
-
-def confusion_counts(labels: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
-    """int64 num_classes x num_classes matrix: true class by row, predicted class by column."""
-    flat = labels.long() * num_classes + predicted.long()
-    return torch.bincount(flat, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
-
-
-def ratio_or_zero(numerator: torch.Tensor, denominator: torch.Tensor) -> torch.Tensor:
-    """numerator / denominator in float64, 0 where the denominator is 0 (scikit-learn's zero_division=0)."""
-    numerator, denominator = numerator.double(), denominator.double()
-    return torch.where(denominator > 0, numerator / denominator.clamp(min=1), torch.zeros_like(numerator))
-
-
-def class_scores(confusion: torch.Tensor) -> ClassScores:
-    true_positives = confusion.diagonal()
-    support, predicted = confusion.sum(1), confusion.sum(0)
-    # F1 as 2 TP / (2 TP + FP + FN), as scikit-learn computes it: no rounding through precision and recall
-    f1 = ratio_or_zero(2 * true_positives, support + predicted)
-    return ClassScores(precision=ratio_or_zero(true_positives, predicted),
-                       recall=ratio_or_zero(true_positives, support), f1=f1, support=support, predicted=predicted)
 
 
 def top_k_accuracy(logits: torch.Tensor, labels: torch.Tensor, k: int) -> float:
@@ -104,11 +74,8 @@ def calibration_rows(confidence: torch.Tensor, correct: torch.Tensor, bins: int 
 def summary_metrics(logits: torch.Tensor, labels: torch.Tensor, scores: ClassScores, top_k: int) -> dict[str, float]:
     """The metrics added to test.json after loss and acc, rounded as those are; top-k is left out when there
     are no more than k classes (every image would count as a hit)."""
-    occurring = (scores.support > 0) | (scores.predicted > 0)
-    with_images = scores.support > 0
     confidence, predicted = logits.softmax(1).max(1)
-    metrics = {"macro_f1": scores.f1[occurring].mean().item(),
-               "balanced_accuracy": scores.recall[with_images].mean().item()}
+    metrics = {"macro_f1": scores.macro_f1, "balanced_accuracy": scores.balanced_accuracy}
     if logits.shape[1] > top_k:
         metrics[f"top{top_k}_accuracy"] = top_k_accuracy(logits, labels, top_k)
     metrics["ece"] = expected_calibration_error(confidence, predicted == labels)

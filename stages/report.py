@@ -229,17 +229,36 @@ def save_figure(figure: Figure, path: Path) -> None:
     figure.savefig(path, format="png", dpi=DPI, metadata=PNG_METADATA)
 
 
-def plot_curves(history: pd.DataFrame, path: Path) -> None:
+def selection_records(checkpoint: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each member's model-selection record (stages/selection.py): the epoch kept and why; none in checkpoints
+    written before train.keep."""
+    selection = checkpoint.get("selection")
+    members = selection.get("members") if isinstance(selection, dict) else None
+    return [m for m in members if isinstance(m, dict)] if isinstance(members, list) else []
+
+
+def plot_curves(history: pd.DataFrame, path: Path, kept: dict[int, int]) -> None:
+    """Loss, and accuracy with the validation macro-F1, per epoch; a dotted line at the epoch each member kept
+    (`kept`: member -> epoch) when it is not the last one trained."""
     figure = Figure(figsize=(10, 4))
-    for axes, metric, label in zip(figure.subplots(1, 2), ("loss", "acc"), ("cross-entropy loss", "accuracy")):
+    curves = (("loss", "cross-entropy loss", (("train_loss", "train", "-o"), ("val_loss", "val", "--s"))),
+              ("acc", "accuracy", (("train_acc", "train", "-o"), ("val_acc", "val", "--s"),
+                                   ("val_macro_f1", "val macro-F1", ":^"))))
+    for axes, (metric, label, columns) in zip(figure.subplots(1, 2), curves):
         # one line per ensemble member (histories before train.ensemble have no member column)
         members = history.groupby("member", sort=True) if "member" in history else [(1, history)]
         for member, rows in members:
-            for split, style in (("train", "-o"), ("val", "--s")):
-                values = pd.to_numeric(rows[f"{split}_{metric}"], errors="coerce")
+            for column, name, style in columns:
+                if column not in rows:  # histories before val_macro_f1
+                    continue
+                values = pd.to_numeric(rows[column], errors="coerce")
                 if values.notna().any():
-                    label_text = split if len(members) == 1 else f"{split}, member {member}"
+                    label_text = name if len(members) == 1 else f"{name}, member {member}"
                     axes.plot(rows["epoch"], values, style, markersize=3, label=label_text)
+            epoch = kept.get(int(member))
+            if epoch is not None and epoch != int(rows["epoch"].max()):
+                axes.axvline(epoch, color="grey", linestyle=":", linewidth=1,
+                             label=f"kept: epoch {epoch}" + ("" if len(members) == 1 else f", member {member}"))
         axes.set_xlabel("epoch")
         axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # no 1.2, 1.4 ... ticks for a 2-epoch run
         axes.set_ylabel(label)
@@ -460,7 +479,7 @@ def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | No
     summary_section(doc, inputs)
     metrics_section(doc, inputs)
     baseline_section(doc, inputs, baseline)
-    curves_section(doc, inputs.history, out_dir)
+    curves_section(doc, inputs.history, inputs.checkpoint, out_dir)
     confusion_section(doc, matrix, classes, out_dir)
     per_class_section(doc, inputs.per_class, matrix, classes, out_dir)
     confused_pairs_section(doc, matrix, classes)
@@ -480,8 +499,14 @@ def summary_section(doc: Document, inputs: Inputs) -> None:
     test = inputs.test_metrics.get("test", {})
     source = inputs.meta.get("source", {})
     doc.heading(1, "Training report")
+    records = selection_records(inputs.checkpoint)
+    kept = ""
+    if any(r.get("kept_epoch") != r.get("epochs_trained") for r in records):  # train.keep: best chose an earlier one
+        selection = inputs.checkpoint["selection"]
+        kept = (f" (weights of epoch {', '.join(fmt(r.get('kept_epoch')) for r in records)}: "
+                f"train.keep: {selection.get('keep')}, by {selection.get('monitor')})")
     doc.paragraph(f"Model **{inputs.checkpoint['model']}** trained for {fmt(inputs.train_metrics.get('epochs'))} "
-                  f"epochs on `{source.get('kind', '?')}` data ({len(inputs.classes)} classes, "
+                  f"epochs{kept} on `{source.get('kind', '?')}` data ({len(inputs.classes)} classes, "
                   f"{fmt(inputs.meta.get('image_size'))}×{fmt(inputs.meta.get('image_size'))} images): "
                   f"test accuracy **{fmt(test.get('acc'))}**, test loss {fmt(test.get('loss'))}.")
 
@@ -495,14 +520,18 @@ def metrics_section(doc: Document, inputs: Inputs) -> None:
         headline[f"test top-{key[3:-9]} accuracy"] = test[key]
     headline.update({label: test[key] for key, label in EXTRA_TEST_METRICS.items() if key in test})
     members = len(inputs.checkpoint["state_dicts"])
-    # an ensemble's val metrics score the whole ensemble; its train metrics are the last member's last epoch
-    when = {"train": "last epoch" if members == 1 else "last member, last epoch",
-            "val": "last epoch" if members == 1 else f"ensemble of {members}"}
+    # train.json holds the kept epoch's numbers (train.keep); an ensemble's val metrics score the whole
+    # ensemble, its train metrics are the last member's
+    records = selection_records(inputs.checkpoint)
+    epoch = f"epoch {records[-1]['kept_epoch']}" if records else "last epoch"
+    when = {"train": epoch if members == 1 else f"last member, {epoch}",
+            "val": epoch if members == 1 else f"ensemble of {members}"}
     for split in ("train", "val"):
         if split in inputs.train_metrics:
-            headline[f"{split} accuracy ({when[split]})"] = inputs.train_metrics[split].get("acc")
-            headline[f"{split} loss ({when[split]})"] = inputs.train_metrics[split].get("loss")
-    headline["epochs"] = inputs.train_metrics.get("epochs")
+            for key, name in (("acc", "accuracy"), ("loss", "loss"), ("macro_f1", "macro-F1")):
+                if key in inputs.train_metrics[split]:
+                    headline[f"{split} {name} ({when[split]})"] = inputs.train_metrics[split][key]
+    headline["epochs trained"] = inputs.train_metrics.get("epochs")
     headline["test images"] = len(inputs.predictions)
     doc.table(key_value_table(headline, "metric", "value"))
 
@@ -523,10 +552,16 @@ def baseline_section(doc: Document, inputs: Inputs, baseline: str | None) -> Non
     doc.table(comparison_table(old, current))
 
 
-def curves_section(doc: Document, history: pd.DataFrame, out_dir: Path) -> None:
+def curves_section(doc: Document, history: pd.DataFrame, checkpoint: dict[str, Any], out_dir: Path) -> None:
     doc.heading(2, "Training curves")
-    plot_curves(history, out_dir / "curves.png")
+    records = selection_records(checkpoint)
+    plot_curves(history, out_dir / "curves.png",
+                {index: int(r["kept_epoch"]) for index, r in enumerate(records, 1) if "kept_epoch" in r})
     doc.image("curves.png", "Loss and accuracy per epoch, train and validation")
+    for index, record in enumerate(records, 1):  # which epoch's weights the model holds, and why (train.keep)
+        member = f" (member {index})" if len(records) > 1 else ""
+        doc.paragraph(f"**Weights kept{member}:** epoch {fmt(record.get('kept_epoch'))} of "
+                      f"{fmt(record.get('epochs_trained'))} trained; {record.get('reason', '')}.")
 
 
 def confusion_section(doc: Document, matrix: np.ndarray, classes: list[str], out_dir: Path) -> None:
@@ -644,6 +679,9 @@ def model_section(doc: Document, checkpoint: dict[str, Any], classes: list[str])
     model_info["normalization std"] = ", ".join(fmt(float(v)) for v in checkpoint["std"])
     model_info["classes"] = ", ".join(classes)
     model_info["epochs completed"] = checkpoint.get("epochs_completed")
+    records = selection_records(checkpoint)
+    if records:
+        model_info["weights from epoch"] = ", ".join(fmt(r.get("kept_epoch")) for r in records)
     model_info["torch version"] = checkpoint.get("torch_version")
     doc.table(key_value_table(model_info, "item", "value"))
 

@@ -43,11 +43,13 @@ from stages.models import (ImageClassifier, InferenceSettings, autocast_dtype, b
 from stages.optim import WeightAverage, apply_weight_decay, lr_factor, make_optimizers, set_lr
 from stages.paths import (HISTORY_CSV, META_JSON, MODEL_PATH, RESUME_PATH, TRAIN_METRICS, TRAIN_SPLIT, TRAIN_TIME,
                           VAL_SPLIT)
+from stages.scores import macro_f1
+from stages.selection import Selection
 
-HISTORY_COLUMNS = ("member", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr")
+HISTORY_COLUMNS = ("member", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr")
 WHITENING_SAMPLE = 5000  # images used to estimate the airnet stem's patch covariance
-RESUME_FIELDS = frozenset({"fingerprint", "member", "members", "epoch", "elapsed", "history", "model", "optimizers",
-                           "average"})  # what save_resume writes
+RESUME_FIELDS = frozenset({"fingerprint", "member", "members", "selections", "epoch", "elapsed", "history", "model",
+                           "optimizers", "average", "selection"})  # what save_resume writes
 
 
 # ---------------------------------------------------------------- distributed
@@ -164,7 +166,8 @@ def plan_schedule(cfg: dict[str, Any], n_train: int, world: int, image_size: int
 class Run:
     """What every member of a training run shares: the train params (phase lengths in epochs), device, processes,
     the data (the training split on the device) and the schedule; and what the run has produced so far (the
-    finished members' weights, the per-epoch history, the training seconds), which the resume checkpoint holds."""
+    finished members' weights and which epoch each kept, the per-epoch history, the training seconds), which the
+    resume checkpoint holds."""
     cfg: dict[str, Any]
     device: torch.device
     rank: int
@@ -178,6 +181,7 @@ class Run:
     inference: InferenceSettings
     fingerprint: str = ""
     members: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    selections: list[dict[str, Any]] = field(default_factory=list)  # Selection.record of each finished member
     history: list[dict[str, Any]] = field(default_factory=list)
     elapsed: float = 0.0
 
@@ -237,6 +241,25 @@ def with_class_weights(cfg: dict[str, Any], labels: torch.Tensor, classes: list[
     return {**cfg, "class_weight_values": weights}
 
 
+def check_validation_split(cfg: dict[str, Any], val_labels: torch.Tensor, classes: list[str]) -> None:
+    """train.keep: best and train.patience need validation images to compare epochs on (the params check has
+    refused data.val_fraction: 0; a small folder can still round its share to none), and a macro-F1 needs two
+    classes among them to be more than one class's F1."""
+    users = [f"train.{key}: {cfg[key]}" for key, on in (("keep", cfg["keep"] == "best"),
+                                                        ("patience", cfg["patience"] > 0)) if on]
+    if not users:
+        return
+    if val_labels.numel() == 0:
+        raise PipelineError(f"{' and '.join(users)}: the validation split {VAL_SPLIT} has no images to compare "
+                            f"epochs on (data.val_fraction of each class rounds to none here); raise "
+                            f"data.val_fraction, or set train.keep: last and train.patience: 0")
+    present = sorted(set(val_labels.tolist()))
+    if cfg["monitor"] == "val_macro_f1" and len(present) < 2:
+        raise PipelineError(f"train.monitor: val_macro_f1 needs validation images of at least 2 classes, and "
+                            f"{VAL_SPLIT} has only class {classes[present[0]]!r}; raise data.val_fraction, or "
+                            f"monitor val_loss or val_acc")
+
+
 def loss_function(cfg: dict[str, Any], device: torch.device) -> nn.Module:
     """Cross-entropy with the configured label smoothing, weighted per class when with_class_weights set weights
     (the mean over a batch is then the weighted mean, as in torch's CrossEntropyLoss)."""
@@ -254,6 +277,7 @@ def load_run(cfg: dict[str, Any], device: torch.device, rank: int, world: int) -
         raise PipelineError(f"{TRAIN_SPLIT}: the training split has {train_images.shape[0]} images")
     cfg = cap_batch_size(cfg, train_images.shape[0], world, rank)
     cfg = with_class_weights(cfg, train_labels, meta["classes"], rank)
+    check_validation_split(cfg, val_labels, meta["classes"])
     if cfg["batch_size"] % world:
         raise PipelineError(f"train.batch_size: {cfg['batch_size']} must be divisible by train.nproc={world}")
     schedule = plan_schedule(cfg, train_images.shape[0], world, meta["image_size"])
@@ -305,7 +329,8 @@ def resume_run(run: Run) -> dict[str, Any] | None:
         return None
     run.say(f"resuming after epoch {state['epoch']}"
             + (f" of member {state['member'] + 1}" if run.cfg["ensemble"] > 1 else "") + f" from {RESUME_PATH}")
-    run.members, run.history, run.elapsed = list(state["members"]), list(state["history"]), state["elapsed"]
+    run.members, run.selections = list(state["members"]), list(state["selections"])
+    run.history, run.elapsed = list(state["history"]), state["elapsed"]
     return state
 
 
@@ -327,6 +352,7 @@ class Member:
     orientations: torch.Tensor | None  # train.augment.flip alternate: each image's orientation in even epochs
     cutout_fill: torch.Tensor
     start_epoch: int
+    selection: Selection
 
 
 def initial_model(run: Run) -> ImageClassifier:
@@ -371,8 +397,9 @@ def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:
     net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=hasattr(model.net, "on_epoch_start"))
            if run.world > 1 else model)
     loss_fn = loss_function(cfg, device)
+    selection = Selection.start(cfg, resume["selection"] if resume is not None else None)
     return Member(index, seed, model, net, optimizers, scaler, averaging, loss_fn, dtype, orientations,
-                  cutout_fill, start_epoch)
+                  cutout_fill, start_epoch, selection)
 
 
 def announce(run: Run, member: Member) -> None:
@@ -476,35 +503,42 @@ def train_epoch(run: Run, member: Member, epoch: int) -> EpochStats:
     return stats
 
 
-def evaluate_split(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                   settings: InferenceSettings) -> tuple[float, float]:
-    logits = infer(model, images, batch_size=batch_size, settings=settings)
-    loss = F.cross_entropy(logits, labels).item()
-    return loss, (logits.argmax(1) == labels).float().mean().item()
+def validation_scores(model: nn.Module, run: Run) -> dict[str, float]:
+    """The numbers train.monitor can name, for `model` on the validation split."""
+    logits = infer(model, run.val_images, batch_size=max(run.cfg["batch_size"], 256), settings=run.inference)
+    predicted = logits.argmax(1)
+    return {"val_loss": F.cross_entropy(logits, run.val_labels).item(),
+            "val_acc": (predicted == run.val_labels).float().mean().item(),
+            "val_macro_f1": macro_f1(run.val_labels, predicted, len(run.meta["classes"]))}
 
 
-def validate(run: Run, member: Member) -> tuple[float | None, float | None]:
-    """Loss and accuracy on the validation split of the weights that will be saved (the EMA average, if any);
-    None without a validation split and on ranks other than 0."""
+def validate(run: Run, member: Member) -> dict[str, float] | None:
+    """validation_scores of the weights that will be saved (the EMA average, if any); None without a validation
+    split and on ranks other than 0."""
     eval_model = member.model
     if member.averaging is not None and member.averaging.mode == "ema":
         eval_model = run.build().to(run.device)
         eval_model.load_state_dict(member.averaging.state)
     if run.val_images.shape[0] and run.rank == 0:
-        return evaluate_split(eval_model, run.val_images, run.val_labels, max(run.cfg["batch_size"], 256),
-                              run.inference)
-    return None, None
+        return validation_scores(eval_model, run)
+    return None
 
 
-def record_epoch(run: Run, member: Member, epoch: int, stats: EpochStats, val: tuple[float | None, float | None],
+def record_epoch(run: Run, member: Member, epoch: int, stats: EpochStats, val: dict[str, float] | None,
                  train_seconds: float) -> None:
-    val_loss, val_acc = val
+    """The epoch's history row and its log line; a `*` marks a new best train.monitor when keep: best or
+    train.patience uses it."""
+    val = val or {"val_loss": None, "val_acc": None, "val_macro_f1": None}
     train_loss, train_acc = stats.loss_sum / stats.seen, stats.correct / stats.seen
     run.history.append({"member": member.index + 1, "epoch": epoch + 1, "train_loss": train_loss,
-                        "train_acc": train_acc, "val_loss": val_loss, "val_acc": val_acc, "lr": stats.lr})
-    val_text = f"  val loss {val_loss:.4f} acc {val_acc:.4f}" if val_loss is not None else ""
+                        "train_acc": train_acc, **val, "lr": stats.lr})
+    val_text = ""
+    if val["val_loss"] is not None:
+        val_text = f"  val loss {val['val_loss']:.4f} acc {val['val_acc']:.4f} macro-F1 {val['val_macro_f1']:.4f}"
+    selecting = run.cfg["keep"] == "best" or run.cfg["patience"] > 0
+    marker = " *" if selecting and member.selection.best_epoch == epoch + 1 else ""
     run.say(f"epoch {epoch + 1:>3d}/{run.schedule.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}"
-            f"{val_text}  lr {stats.lr:.3g}  {train_seconds:.1f}s  {stats.seen / train_seconds:,.0f} img/s")
+            f"{val_text}{marker}  lr {stats.lr:.3g}  {train_seconds:.1f}s  {stats.seen / train_seconds:,.0f} img/s")
 
 
 def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -516,9 +550,10 @@ def save_resume(run: Run, member: Member, epochs_done: int) -> None:
     """Everything needed to continue after this epoch: the finished members, this member's weights, optimizer
     states and weight average, and the run's history and seconds so far."""
     save_torch({"fingerprint": run.fingerprint, "member": member.index, "members": run.members,
-                "epoch": epochs_done, "elapsed": run.elapsed, "history": run.history,
+                "selections": run.selections, "epoch": epochs_done, "elapsed": run.elapsed, "history": run.history,
                 "model": plain_state_dict(member.model), "optimizers": [o.state_dict() for o in member.optimizers],
-                "average": member.averaging.state if member.averaging is not None else None}, RESUME_PATH)
+                "average": member.averaging.state if member.averaging is not None else None,
+                "selection": member.selection.state()}, RESUME_PATH)
 
 
 def final_weights(member: Member) -> dict[str, torch.Tensor]:
@@ -527,23 +562,45 @@ def final_weights(member: Member) -> dict[str, torch.Tensor]:
     return plain_state_dict(member.model)
 
 
-def train_member(run: Run, index: int, resume: dict[str, Any] | None) -> dict[str, torch.Tensor]:
-    """Train ensemble member `index` (0-based) from the start, or from `resume`, and return its final weights.
-    Appends its per-epoch rows to the run's history; after every epoch writes a resume checkpoint holding the
-    finished members too, so an interrupted run picks up where it stopped."""
+def agree_to_stop(run: Run, member: Member, epoch: int) -> None:
+    """Under DistributedDataParallel only rank 0 validates: the others learn from it whether patience ended the
+    member, so that every process leaves the epoch loop together."""
+    if run.world == 1 or run.cfg["patience"] == 0:
+        return
+    flag = torch.tensor([int(member.selection.stopped)], device=run.device)
+    dist.broadcast(flag, src=0)
+    if flag.item() and not member.selection.stopped:
+        member.selection.stopped_after = epoch + 1
+
+
+def train_member(run: Run, index: int, resume: dict[str, Any] | None) -> None:
+    """Train ensemble member `index` (0-based) from the start, or from `resume`, and add the weights it keeps
+    (train.keep) and why to the run. Appends its per-epoch rows to the run's history; after every epoch writes a
+    resume checkpoint holding the finished members and the best epoch so far, so an interrupted run picks up where
+    it stopped."""
     member = setup_member(run, index, resume)
     announce(run, member)
     for epoch in range(member.start_epoch, run.schedule.epochs):
+        if member.selection.stopped:  # resumed after train.patience had ended this member
+            break
         epoch_start = time.perf_counter()
         stats = train_epoch(run, member, epoch)
         train_seconds = time.perf_counter() - epoch_start
         val = validate(run, member)
         run.elapsed += time.perf_counter() - epoch_start
+        member.selection.after_epoch(epoch + 1, val, lambda: final_weights(member))
+        agree_to_stop(run, member, epoch)
         record_epoch(run, member, epoch, stats, val, train_seconds)
         if run.rank == 0:
             save_resume(run, member, epoch + 1)
-            write_progress(run)
-    return final_weights(member)
+            write_progress(run, member.selection)
+    last_epoch = max(row["epoch"] for row in run.history if row["member"] == index + 1)
+    record = member.selection.record(last_epoch, run.schedule.epochs)
+    if run.cfg["keep"] == "best" or member.selection.stopped:
+        run.say(record["reason"])
+    kept = member.selection.best_weights if run.cfg["keep"] == "best" else None
+    run.members.append(kept if kept is not None else final_weights(member))
+    run.selections.append(record)
 
 
 # ---------------------------------------------------------------- outputs
@@ -556,45 +613,72 @@ def write_history(rows: list[dict[str, Any]]) -> None:
     write_text(HISTORY_CSV, "\n".join(lines) + "\n")
 
 
-def write_progress(run: Run) -> None:
+def epoch_metrics(row: dict[str, Any]) -> dict[str, Any]:
+    """train.json's train and val sections from one history row."""
+    metrics: dict[str, Any] = {"train": {"loss": round(row["train_loss"], 6), "acc": round(row["train_acc"], 6)}}
+    if row["val_loss"] is not None:
+        metrics["val"] = {"loss": round(row["val_loss"], 6), "acc": round(row["val_acc"], 6),
+                          "macro_f1": round(row["val_macro_f1"], 6)}
+    return metrics
+
+
+def history_row(run: Run, member: int, epoch: int) -> dict[str, Any]:
+    return next(row for row in run.history if row["member"] == member and row["epoch"] == epoch)
+
+
+def kept_epochs(records: list[dict[str, Any]]) -> int | dict[str, int]:
+    """train.json's kept_epoch: a number for one model, one per member (member_1, ...) for an ensemble."""
+    if len(records) == 1:
+        return records[0]["kept_epoch"]
+    return {f"member_{index}": record["kept_epoch"] for index, record in enumerate(records, 1)}
+
+
+def write_progress(run: Run, selection: Selection) -> None:
     """metrics/history.csv and metrics/train.json as they stand after this epoch (after the resume checkpoint,
     so they never run ahead of what a resumed run continues from), for `dvc exp show` and `dvc plots` during a
-    run. train.json has the final file's layout with the latest epoch's numbers (for an ensemble: the member in
-    training); write_outputs replaces both with the finished run's."""
-    last = run.history[-1]
-    metrics: dict[str, Any] = {"train": {"loss": round(last["train_loss"], 6), "acc": round(last["train_acc"], 6)}}
-    if last["val_loss"] is not None:
-        metrics["val"] = {"loss": round(last["val_loss"], 6), "acc": round(last["val_acc"], 6)}
+    run. train.json has the final file's layout with the numbers of the member in training at the epoch it would
+    keep now (the latest with keep: last, the best so far with keep: best); write_outputs replaces both with the
+    finished run's."""
+    member, last_epoch = run.history[-1]["member"], run.history[-1]["epoch"]
+    kept = selection.kept_epoch(last_epoch)
+    metrics = epoch_metrics(history_row(run, member, kept))
     metrics["epochs"] = max(row["epoch"] for row in run.history)
+    metrics["kept_epoch"] = kept_epochs([*run.selections, {"kept_epoch": kept}])
     write_json(TRAIN_METRICS, metrics)
     write_history(run.history)
 
 
 def train_metrics(run: Run, checkpoint: dict[str, Any]) -> dict[str, Any]:
-    last = run.history[-1]
-    metrics: dict[str, Any] = {"train": {"loss": round(last["train_loss"], 6), "acc": round(last["train_acc"], 6)}}
-    if run.val_images.shape[0]:
-        if len(run.members) > 1:  # the ensemble's own score, as evaluate will see it (without TTA)
-            val_loss, val_acc = evaluate_split(model_from_checkpoint(checkpoint), run.val_images, run.val_labels,
-                                               max(run.cfg["batch_size"], 256), run.inference)
-        else:
-            val_loss, val_acc = last["val_loss"], last["val_acc"]
-        metrics["val"] = {"loss": round(val_loss, 6), "acc": round(val_acc, 6)}
+    """The kept epoch's numbers (of the last member, for an ensemble, whose validation numbers are the
+    ensemble's own score, as evaluate will see it without TTA)."""
+    last = run.selections[-1]
+    metrics = epoch_metrics(history_row(run, len(run.selections), last["kept_epoch"]))
+    if run.val_images.shape[0] and len(run.members) > 1:
+        scores = validation_scores(model_from_checkpoint(checkpoint), run)
+        metrics["val"] = {"loss": round(scores["val_loss"], 6), "acc": round(scores["val_acc"], 6),
+                          "macro_f1": round(scores["val_macro_f1"], 6)}
     metrics["epochs"] = checkpoint["epochs_completed"]
+    metrics["kept_epoch"] = kept_epochs(run.selections)
     return metrics
 
 
 def write_outputs(run: Run, pretrained: dict[str, str] | None) -> None:
     """The checkpoint, the metrics, the history and the timing; after them the resume checkpoint has served."""
     cfg, meta = run.cfg, run.meta
+    # through JSON: fresh objects, so that pickle's sharing of equal keys is the same whether the finished members'
+    # records come from memory or from a resume checkpoint (the same run saves the same bytes)
+    selection = json.loads(json.dumps({"keep": cfg["keep"], "monitor": cfg["monitor"], "patience": cfg["patience"],
+                                       "members": run.selections}))
     checkpoint = make_checkpoint(model=cfg["model"], model_config=model_config(cfg), classes=meta["classes"],
                                  image_size=meta["image_size"], mean=meta["mean"], std=meta["std"],
                                  state_dicts=run.members, train=cfg, pretrained=pretrained,
-                                 epochs_completed=max(row["epoch"] for row in run.history))
+                                 epochs_completed=max(row["epoch"] for row in run.history), selection=selection)
     save_torch(checkpoint, MODEL_PATH)
     write_json(TRAIN_METRICS, train_metrics(run, checkpoint))
     write_history(run.history)
-    n_images = run.train_images.shape[0] * cfg["epochs"] * cfg["ensemble"]
+    # early stopping trains fewer epochs than train.epochs (which may end in a fraction of one)
+    epochs_trained = sum(min(record["epochs_trained"], cfg["epochs"]) for record in run.selections)
+    n_images = run.train_images.shape[0] * epochs_trained
     write_json(TRAIN_TIME, {"train_time": {"seconds": round(run.elapsed, 2),
                                            "images_per_second": round(n_images / run.elapsed, 1)}})
     shutil.rmtree(RESUME_PATH.parent, ignore_errors=True)
@@ -611,11 +695,11 @@ def train(params: dict[str, Any]) -> None:
     pretrained = pretrained_record(cfg)
     run.fingerprint = fingerprint(params, world)
     resume = resume_run(run)
-    if resume is not None and rank == 0:  # DVC deleted the outputs before the rerun: show the resumed state now
-        write_progress(run)
+    if resume is not None and rank == 0 and run.history:  # DVC deleted the outputs before the rerun: show them now
+        write_progress(run, Selection.start(cfg, resume["selection"]))
     for index in range(len(run.members), cfg["ensemble"]):
         in_progress = resume if resume is not None and resume["member"] == index else None
-        run.members.append(train_member(run, index, in_progress))
+        train_member(run, index, in_progress)
     if rank == 0:
         write_outputs(run, pretrained)
     if world > 1:

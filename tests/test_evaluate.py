@@ -15,8 +15,9 @@ from sklearn import metrics as sklearn_metrics  # a test dependency only (pyproj
 from prepared_data import tiny_params, train_tiny, write_prepared
 from stages.common import PipelineError, load_checkpoint, load_split, save_torch
 from stages.config import ParamsError, load_params
-from stages.evaluate import class_scores, confusion_counts, evaluate, expected_calibration_error, summary_metrics
+from stages.evaluate import evaluate, expected_calibration_error, summary_metrics
 from stages.models import infer, model_from_checkpoint
+from stages.scores import class_scores, confusion_counts, macro_f1
 
 
 @pytest.fixture(scope="module")
@@ -206,6 +207,9 @@ def test_every_metric_matches_scikit_learn(seed: int) -> None:
     assert metrics["top5_accuracy"] == pytest.approx(sklearn_metrics.top_k_accuracy_score(
         y_true, logits.numpy(), k=5, labels=range(logits.shape[1])), abs=1e-6)
     assert metrics["ece"] == pytest.approx(reference_ece(logits.softmax(1).double().numpy(), y_true), abs=1e-6)
+    # the unrounded macro-F1 that train selects epochs by (train.monitor: val_macro_f1)
+    assert macro_f1(labels, predicted, logits.shape[1]) == pytest.approx(
+        sklearn_metrics.f1_score(y_true, y_pred, average="macro", zero_division=0), abs=1e-12)
 
 
 @pytest.mark.parametrize("k", [1, 2, 3, 4])

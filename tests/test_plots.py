@@ -12,6 +12,7 @@ import configparser
 import functools
 import hashlib
 import importlib.util
+import os
 import re
 import shutil
 import subprocess
@@ -138,8 +139,15 @@ def test_plots_page_loads_nothing_from_the_network(plots_repo: PipelineRepo, pag
 # ---------------------------------------------------------------- drawn by a real browser
 
 
+BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")  # Debian, Ubuntu, GitHub's runners
+
+
 def chromium() -> str | None:
-    return shutil.which("chromium") or shutil.which("chromium-browser")
+    """A Chromium-based browser: $CHROMIUM if set, else the first of BROWSERS on PATH (GitHub's ubuntu-latest
+    runners have Google Chrome, so the workflow runs these tests too)."""
+    if os.environ.get("CHROMIUM"):
+        return shutil.which(os.environ["CHROMIUM"])
+    return next((path for path in map(shutil.which, BROWSERS) if path), None)
 
 
 def run_chromium(page: Path, profile: Path, *mode: str) -> subprocess.CompletedProcess:

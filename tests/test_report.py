@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from stages import report
-from stages.common import PipelineError, make_checkpoint, save_torch, write_json
+from stages.common import PipelineError, load_checkpoint, make_checkpoint, save_torch, write_json
 
 CLASSES = ["cat", "dog", "frog"]
 PNGS = ["curves.png", "confusion.png", "per_class.png", "samples.png", "reliability.png", "top_losses.png"]
@@ -423,3 +423,29 @@ def assert_drawn(path: Path) -> None:
         pixels = np.asarray(image.convert("RGB"))
     assert pixels.shape[0] > 200 and pixels.shape[1] > 200
     assert len(np.unique(pixels.reshape(-1, 3), axis=0)) > 20
+
+
+def test_the_report_says_which_epoch_was_kept_and_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from prepared_data import tiny_params, write_prepared
+    from stages.config import load_params
+    from stages.evaluate import evaluate
+    from stages.train import train
+
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))
+    monkeypatch.chdir(tmp_path)
+    write_prepared(tmp_path)
+    tiny_params(tmp_path, **{"train.epochs": 10, "train.lr": 0.3, "train.keep": "best", "train.monitor": "val_acc",
+                             "train.patience": 2, "report.baseline": None})
+    train(load_params())
+    evaluate(load_params())
+    report.main()
+    record = load_checkpoint(tmp_path / "models/model.pth")["selection"]["members"][0]
+    kept, trained = record["kept_epoch"], record["epochs_trained"]
+    assert kept < trained < 10
+    text = read_report(tmp_path)
+    assert f"trained for {trained} epochs (weights of epoch {kept}: train.keep: best, by val_acc)" in text
+    assert (f"**Weights kept:** epoch {kept} of {trained} trained; train.keep: best: epoch {kept} of {trained} "
+            f"trained had the highest val_acc (1); train.patience: 2 ended training after epoch {trained} of 10, "
+            f"2 epochs without a higher val_acc.") in text
+    assert f"| val accuracy (epoch {kept}) | 1.0000 |" in text and f"| val macro-F1 (epoch {kept}) |" in text
+    assert f"| weights from epoch | {kept} |" in text

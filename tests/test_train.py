@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -467,7 +468,7 @@ def test_history_and_train_json_are_written_after_every_epoch_and_a_resume_conti
     progress = json.loads((workdir / "metrics" / "train.json").read_text())
     assert progress["epochs"] == done
     assert progress["train"]["loss"] == pytest.approx(float(final_rows[done - 1]["train_loss"]), rel=1e-5)
-    assert set(progress) == {"train", "val", "epochs"}
+    assert set(progress) == {"train", "val", "epochs", "kept_epoch"} and progress["kept_epoch"] == done
 
     rerun = stage(workdir)
     output, _ = rerun.communicate(timeout=300)
@@ -528,4 +529,208 @@ def test_balanced_weights_need_every_class_in_the_training_split(workdir: Path) 
 def test_unknown_class_weights_setting_names_the_key(workdir: Path) -> None:
     tiny_params(workdir, **{"train.class_weights": "inverse"})
     with pytest.raises(ParamsError, match=r"^train\.class_weights: expected one of"):
+        load_params()
+
+
+# ---------------------------------------------------------------- model selection (train.keep, monitor, patience)
+
+
+SELECTING = {"train.epochs": 8, "train.keep": "best", "train.monitor": "val_acc", "train.lr": 0.3}
+OUTPUTS = ["models/model.pth", "metrics/history.csv", "metrics/train.json"]
+
+
+def first_best_epoch(rows: list[dict[str, str]], column: str, lower_is_better: bool = False) -> int:
+    """The epoch model selection must pick: the first one with the best value (a tie keeps the earlier epoch)."""
+    values = [float(row[column]) for row in rows]
+    best = min(values) if lower_is_better else max(values)
+    return int(rows[values.index(best)]["epoch"])
+
+
+def validation_loss(root: Path) -> float:
+    """The saved model's loss on the validation split, computed as train computes it."""
+    from stages.common import load_split
+    from stages.models import infer, inference_settings, model_from_checkpoint
+    checkpoint = load_checkpoint(root / "models" / "model.pth")
+    images, labels = load_split(root / "data" / "prepared" / "val.pt")
+    settings = inference_settings(checkpoint["model"], checkpoint["train"], torch.device("cpu"))
+    logits = infer(model_from_checkpoint(checkpoint), images, batch_size=256, settings=settings)
+    return torch.nn.functional.cross_entropy(logits, labels).item()
+
+
+def test_keep_best_saves_the_best_epochs_weights_and_trains_exactly_as_keep_last(workdir: Path) -> None:
+    tiny_params(workdir, **{**SELECTING, "train.keep": "last"})
+    train(load_params())
+    last_rows, last_model = history(workdir), load_checkpoint(workdir / "models" / "model.pth")
+    last_history = (workdir / "metrics" / "history.csv").read_bytes()
+    tiny_params(workdir, **SELECTING)
+    train(load_params())
+    rows = history(workdir)
+    assert (workdir / "metrics" / "history.csv").read_bytes() == last_history  # selection only chooses
+    kept = first_best_epoch(rows, "val_acc")
+    assert 1 < kept < 8, "the tiny data should peak before the last epoch, or this test proves nothing"
+    checkpoint = load_checkpoint(workdir / "models" / "model.pth")
+    record = checkpoint["selection"]["members"][0]
+    assert record["kept_epoch"] == record["best_epoch"] == kept and record["epochs_trained"] == 8
+    assert record["best_value"] == pytest.approx(float(rows[kept - 1]["val_acc"]), abs=1e-6)
+    assert record["reason"].startswith(f"train.keep: best: epoch {kept} of 8 trained had the highest val_acc")
+    assert checkpoint["epochs_completed"] == 8
+    # the weights are the kept epoch's: they score that epoch's validation loss, not the last epoch's
+    assert validation_loss(workdir) == pytest.approx(float(rows[kept - 1]["val_loss"]), rel=1e-5)
+    assert float(rows[kept - 1]["val_loss"]) != pytest.approx(float(rows[-1]["val_loss"]), rel=1e-3)
+    kept_weights, last_weights = checkpoint["state_dicts"][0], last_model["state_dicts"][0]
+    assert any(not torch.equal(kept_weights[name], last_weights[name]) for name in kept_weights)
+    metrics = json.loads((workdir / "metrics" / "train.json").read_text())
+    assert metrics["kept_epoch"] == kept and metrics["epochs"] == 8
+    assert metrics["val"]["loss"] == pytest.approx(float(rows[kept - 1]["val_loss"]), rel=1e-5)
+    assert metrics["train"]["loss"] == pytest.approx(float(rows[kept - 1]["train_loss"]), rel=1e-5)
+    # keep: last says which epoch was best all the same
+    last_record = last_model["selection"]["members"][0]
+    assert last_record["kept_epoch"] == 8 and last_record["best_epoch"] == kept
+    assert f"the highest val_acc, {float(rows[kept - 1]['val_acc']):.6g}, was at epoch {kept}" in last_record["reason"]
+    first = [md5(workdir / p) for p in OUTPUTS]
+    train(load_params())
+    assert [md5(workdir / p) for p in OUTPUTS] == first
+
+
+@pytest.mark.parametrize("monitor, lower_is_better", [("val_loss", True), ("val_acc", False),
+                                                      ("val_macro_f1", False)])
+def test_each_monitor_picks_its_best_epoch(workdir: Path, monitor: str, lower_is_better: bool) -> None:
+    tiny_params(workdir, **{**SELECTING, "train.monitor": monitor, "train.epochs": 5})
+    train(load_params())
+    rows = history(workdir)
+    assert all(row["val_macro_f1"] for row in rows)
+    kept = load_checkpoint(workdir / "models" / "model.pth")["selection"]["members"][0]["kept_epoch"]
+    values = [float(row[monitor]) for row in rows]
+    best = min(values) if lower_is_better else max(values)
+    # 6-digit history values can tie where the full-precision ones do not: the kept epoch is one of the best
+    assert values[kept - 1] == best and kept in [i + 1 for i, v in enumerate(values) if v == best]
+
+
+def test_patience_stops_after_epochs_without_improvement(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    tiny_params(workdir, **{**SELECTING, "train.epochs": 12, "train.patience": 2})
+    train(load_params())
+    rows = history(workdir)
+    kept = first_best_epoch(rows, "val_acc")
+    assert len(rows) == kept + 2 < 12  # stopped 2 epochs after the best one
+    assert all(float(row["val_acc"]) <= float(rows[kept - 1]["val_acc"]) for row in rows[kept:])
+    out = capsys.readouterr().out
+    assert (f"train.patience: 2 ended training after epoch {kept + 2} of 12, 2 epochs without a higher val_acc"
+            in out)
+    assert f"epoch {kept + 3:>3d}/12" not in out
+    record = load_checkpoint(workdir / "models" / "model.pth")["selection"]["members"][0]
+    assert record["stopped_early"] and record["kept_epoch"] == kept and record["epochs_trained"] == kept + 2
+    metrics = json.loads((workdir / "metrics" / "train.json").read_text())
+    assert metrics["epochs"] == kept + 2 and metrics["kept_epoch"] == kept
+    # images/s counts the epochs trained, not train.epochs
+    timing = json.loads((workdir / "metrics" / "train_time.json").read_text())["train_time"]
+    assert timing["images_per_second"] == pytest.approx(240 * (kept + 2) / timing["seconds"], rel=0.01)
+
+    tiny_params(workdir, **{**SELECTING, "train.epochs": 12, "train.patience": 2, "train.keep": "last"})
+    train(load_params())
+    record = load_checkpoint(workdir / "models" / "model.pth")["selection"]["members"][0]
+    assert record["kept_epoch"] == record["epochs_trained"] == kept + 2 and record["best_epoch"] == kept
+    assert record["reason"].startswith(f"train.keep: last: the weights after epoch {kept + 2}; train.patience: 2")
+
+
+class Killed(Exception):
+    """Stands for a SIGKILL right after a resume checkpoint was written."""
+
+
+def kill_after(monkeypatch: pytest.MonkeyPatch, member: int, epoch: int) -> None:
+    import stages.train as train_module
+    save_resume = train_module.save_resume
+
+    def save_then_die(run: Any, in_training: Any, epochs_done: int) -> None:
+        save_resume(run, in_training, epochs_done)
+        if (in_training.index + 1, epochs_done) == (member, epoch):
+            raise Killed
+    monkeypatch.setattr(train_module, "save_resume", save_then_die)
+
+
+def test_a_run_killed_anywhere_resumes_to_the_same_bytes_with_keep_best_and_patience(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    """Kill points: after a member's best epoch while its best weights are not its current ones, right after
+    patience stopped it (the resumed run must not train it further), and in the next member."""
+    tiny_params(workdir, **{**SELECTING, "train.epochs": 10, "train.patience": 2, "train.ensemble": 2})
+    train(load_params())
+    reference = [md5(workdir / p) for p in OUTPUTS]
+    records = load_checkpoint(workdir / "models" / "model.pth")["selection"]["members"]
+    assert all(r["stopped_early"] and r["best_epoch"] < r["epochs_trained"] for r in records)
+    kill_points = [(1, records[0]["best_epoch"] + 1), (1, records[0]["epochs_trained"]),
+                   (2, records[1]["best_epoch"] + 1)]
+    for member, epoch in kill_points:
+        for path in OUTPUTS:
+            (workdir / path).unlink()
+        with monkeypatch.context() as patch:
+            kill_after(patch, member, epoch)
+            with pytest.raises(Killed):
+                train(load_params())
+        capsys.readouterr()
+        train(load_params())
+        out = capsys.readouterr().out
+        assert f"resuming after epoch {epoch} of member {member}" in out
+        if (member, epoch) == (1, records[0]["epochs_trained"]):  # member 1 is done: no further epoch of it
+            assert "ensemble member 1 of 2" in out and f"epoch {epoch + 1:>3d}/10" not in out.split("member 2")[0]
+        assert [md5(workdir / p) for p in OUTPUTS] == reference, (member, epoch)
+
+
+def test_two_processes_stop_together(workdir: Path) -> None:
+    """Only rank 0 validates; rank 1 must learn that patience ended training, or it would wait forever in the
+    next epoch's gradient reduction."""
+    tiny_params(workdir, **{"train.model": "mlp", "train.mlp.hidden": [64], "train.lr": 0.05, "train.epochs": 12,
+                            "train.keep": "best", "train.monitor": "val_acc", "train.patience": 1,
+                            "train.nproc": 2})
+    process = stage(workdir)
+    output, _ = process.communicate(timeout=300)
+    assert process.returncode == 0, output
+    rows = history(workdir)
+    assert len(rows) == first_best_epoch(rows, "val_acc") + 1 < 12
+    assert "train.patience: 1 ended training" in output
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"train.keep": "best"}, r"^train\.keep: best compares epochs by train\.monitor \(val_loss\) on the validation "
+                             r"split, but data\.val_fraction is 0 \(no validation split\); set data\.val_fraction"),
+    ({"train.patience": 3}, r"^train\.patience: 3 compares epochs"),
+    ({"train.keep": "best", "train.patience": 3, "train.monitor": "val_acc"},
+     r"^train\.keep: best and train\.patience: 3 compare epochs by train\.monitor \(val_acc\)"),
+])
+def test_selection_without_a_validation_split_is_refused_by_the_params_check(workdir: Path, settings: dict,
+                                                                             message: str) -> None:
+    tiny_params(workdir, **{"data.val_fraction": 0, **settings})
+    with pytest.raises(ParamsError, match=message):
+        load_params()
+    tiny_params(workdir, **{"data.val_fraction": 0})  # keep: last without patience needs no validation
+    load_params()
+
+
+def test_selection_on_an_empty_or_one_class_validation_split_is_refused_before_training(workdir: Path) -> None:
+    write_prepared(workdir, n_val=0)  # val_fraction > 0, but a small folder rounded every class's share to none
+    tiny_params(workdir, **{"train.keep": "best"})
+    with pytest.raises(PipelineError, match=r"^train\.keep: best: the validation split data/prepared/val\.pt has no "
+                                            r"images to compare epochs on"):
+        train(load_params())
+    write_prepared(workdir)
+    split = torch.load(workdir / "data" / "prepared" / "val.pt", weights_only=True)
+    one_class = split["labels"] == 1
+    save_torch({"images": split["images"][one_class].contiguous(), "labels": split["labels"][one_class].contiguous()},
+               workdir / "data" / "prepared" / "val.pt")
+    tiny_params(workdir, **{"train.patience": 2, "train.monitor": "val_macro_f1"})
+    with pytest.raises(PipelineError, match=r"^train\.monitor: val_macro_f1 needs validation images of at least 2 "
+                                            r"classes, and data/prepared/val\.pt has only class 'class1'"):
+        train(load_params())
+    assert not (workdir / "models" / "model.pth").exists()
+    tiny_params(workdir, **{"train.patience": 2, "train.monitor": "val_loss", "train.epochs": 1})
+    train(load_params())  # a loss is meaningful on one class
+
+
+def test_unknown_monitor_names_the_key_and_choices(workdir: Path) -> None:
+    from stages.config import MONITORS
+    from stages.selection import LOWER_IS_BETTER
+    assert set(LOWER_IS_BETTER) == set(MONITORS)  # each choice has a direction
+    tiny_params(workdir, **{"train.monitor": "val_f1"})
+    with pytest.raises(ParamsError, match=r"^train\.monitor: expected one of .*val_macro_f1"):
+        load_params()
+    tiny_params(workdir, **{"train.patience": -1})
+    with pytest.raises(ParamsError, match=r"^train\.patience"):
         load_params()
