@@ -1,7 +1,7 @@
 """Class imbalance on real data: an imbalanced subset of the CIFAR-10 JPEG copy (the first five classes keep
-`--keep` of their images, 10% by default, in the training and the test split alike), trained with
-`train.class_weights: none` and `balanced` on the same preset, printing test accuracy, balanced accuracy and
-macro-F1 of each.
+`--keep` of their images, 10% by default, in the training and the test split alike), trained on the same preset
+three ways: as is, with `train.class_weights: balanced` (inverse-frequency loss weights) and with
+`train.sampler: balanced` (class-balanced draws), printing test accuracy, balanced accuracy and macro-F1 of each.
 
     python bench/imbalance.py                # the fc preset (seconds per run)
     python bench/imbalance.py airnet-fast    # another preset from presets/
@@ -22,6 +22,9 @@ sys.path.insert(0, str(REPO_ROOT / "tools"))
 from preset import read_preset  # noqa: E402  (tools/ is not a package)
 
 RARE_CLASSES = 5  # the first five classes, in sorted order (airplane, automobile, bird, cat, deer)
+VARIANTS = {"as is": {"train.class_weights": "none", "train.sampler": "shuffle"},
+            "train.class_weights: balanced": {"train.class_weights": "balanced", "train.sampler": "shuffle"},
+            "train.sampler: balanced": {"train.class_weights": "none", "train.sampler": "balanced"}}
 
 
 def imbalanced_zip(target: Path, keep: float) -> dict[str, int]:
@@ -62,17 +65,17 @@ def main() -> None:
     run_stage(root, "download", data, quiet=True)
     run_stage(root, "normalize", data, quiet=True)
     rows = []
-    for weights in ("none", "balanced"):
-        overrides = {**data, **read_preset(args.preset), "data.val_fraction": 0.0, "train.class_weights": weights}
+    for name, setting in VARIANTS.items():
+        overrides = {**data, **read_preset(args.preset), "data.val_fraction": 0.0, **setting}
         seconds = run_stage(root, "train", overrides, quiet=True) + run_stage(root, "evaluate", overrides, quiet=True)
         test = read_metrics(root)["test"]
-        rows.append((weights, test["acc"], test["balanced_accuracy"], test["macro_f1"], seconds))
-        print(f"class_weights {weights:<8s} acc {test['acc']:.4f}  balanced acc {test['balanced_accuracy']:.4f}  "
+        rows.append((name, test["acc"], test["balanced_accuracy"], test["macro_f1"], seconds))
+        print(f"{name:<28s} acc {test['acc']:.4f}  balanced acc {test['balanced_accuracy']:.4f}  "
               f"macro-F1 {test['macro_f1']:.4f}  ({seconds:.0f} s)", flush=True)
-    print("\n| train.class_weights | test accuracy | balanced accuracy | macro-F1 | train + evaluate (s) |")
+    print("\n| setting | test accuracy | balanced accuracy | macro-F1 | train + evaluate (s) |")
     print("|---|---|---|---|---|")
-    for weights, acc, balanced, f1, seconds in rows:
-        print(f"| {weights} | {100 * acc:.2f}% | {100 * balanced:.2f}% | {f1:.4f} | {seconds:.0f} |")
+    for name, acc, balanced, f1, seconds in rows:
+        print(f"| {name} | {100 * acc:.2f}% | {100 * balanced:.2f}% | {f1:.4f} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

@@ -192,6 +192,7 @@ SCHEMA: dict[str, Any] = {
         "warmup_epochs": Num(ge=0),
         "label_smoothing": Num(ge=0, lt=1),
         "class_weights": Choice(("none", "balanced")),
+        "sampler": Choice(("shuffle", "balanced")),
         "averaging": Choice(("none", "ema", "lookahead")),
         "averaging_decay": Num(ge=0, lt=1),
         "averaging_start": Phase(),

@@ -3,14 +3,15 @@ self-describing checkpoint models/model.pth plus metrics/train.json, metrics/his
 metrics/train_time.json (wall-clock numbers live only there, so every other output is bit-reproducible).
 
 The whole training split sits in memory as one uint8 tensor (on the GPU when there is one); each epoch draws a
-seeded permutation and augments whole batches at once. A resume checkpoint is written after every epoch to
-models/resume/ (not a DVC output, so DVC does not delete it before a rerun); it is bound to a fingerprint of the
-params and data and is used only when both match. One that cannot be read (truncated, damaged) is ignored with a
-line saying so: the run starts afresh and gives the same bytes as without it. Runs under torchrun
-(DistributedDataParallel) when train.nproc > 1, one process per CUDA GPU (more processes than GPUs are refused
-before launching) or CPU processes with gloo; a rank that fails reports its own one-line error, which is the one
-line the stage prints, instead of torchrun's summary of failed processes. The optimizers, the schedule and weight
-averaging live in stages/optim.py."""
+seeded permutation (or, with train.sampler: balanced, seeded class-balanced draws) and augments whole batches at
+once. A resume checkpoint is written after every epoch to models/resume/ (not a DVC output, so DVC does not delete
+it before a rerun); it is bound to a fingerprint of the params and data and is used only when both match. One that
+cannot be read (truncated, damaged) is ignored with a line saying so: the run starts afresh and gives the same
+bytes as without it. Runs under torchrun (DistributedDataParallel) when train.nproc > 1, one process per CUDA GPU
+(more processes than GPUs are refused before launching) or CPU processes with gloo; a rank that fails reports its
+own one-line error, which is the one line the stage prints, instead of torchrun's summary of failed processes. The
+optimizers, the schedule and weight averaging live in stages/optim.py; which epoch's weights are kept, and early
+stopping, in stages/selection.py."""
 
 from __future__ import annotations
 
@@ -179,6 +180,7 @@ class Run:
     val_labels: torch.Tensor
     schedule: Schedule
     inference: InferenceSettings
+    sample_weights: torch.Tensor | None = None  # train.sampler: balanced: each training image's draw weight
     fingerprint: str = ""
     members: list[dict[str, torch.Tensor]] = field(default_factory=list)
     selections: list[dict[str, Any]] = field(default_factory=list)  # Selection.record of each finished member
@@ -260,6 +262,13 @@ def check_validation_split(cfg: dict[str, Any], val_labels: torch.Tensor, classe
                             f"monitor val_loss or val_acc")
 
 
+def balanced_sample_weights(labels: torch.Tensor) -> torch.Tensor:
+    """float64 draw weight of each training image: 1 / (images of its class), so that every class is drawn
+    equally often by train.sampler: balanced."""
+    counts = torch.bincount(labels.cpu())
+    return 1.0 / counts[labels.cpu()].double()
+
+
 def loss_function(cfg: dict[str, Any], device: torch.device) -> nn.Module:
     """Cross-entropy with the configured label smoothing, weighted per class when with_class_weights set weights
     (the mean over a batch is then the weighted mean, as in torch's CrossEntropyLoss)."""
@@ -281,8 +290,12 @@ def load_run(cfg: dict[str, Any], device: torch.device, rank: int, world: int) -
     if cfg["batch_size"] % world:
         raise PipelineError(f"train.batch_size: {cfg['batch_size']} must be divisible by train.nproc={world}")
     schedule = plan_schedule(cfg, train_images.shape[0], world, meta["image_size"])
+    sample_weights = balanced_sample_weights(train_labels) if cfg["sampler"] == "balanced" else None
+    if sample_weights is not None and cfg["class_weights"] == "balanced" and rank == 0:
+        log("train.sampler: balanced and train.class_weights: balanced both make up for the class sizes, so "
+            "together they over-weight the small classes; one of them is usually enough")
     return Run(cfg, device, rank, world, meta, train_images.to(device), train_labels.to(device), val_images,
-               val_labels, schedule, inference_settings(cfg["model"], cfg, device))
+               val_labels, schedule, inference_settings(cfg["model"], cfg, device), sample_weights)
 
 
 def pretrained_record(cfg: dict[str, Any]) -> dict[str, str] | None:
@@ -478,13 +491,23 @@ def optimizer_step(run: Run, member: Member, images: torch.Tensor, labels: torch
     return logits, loss, base_lr
 
 
+def epoch_order(run: Run, generator: torch.Generator) -> torch.Tensor:
+    """The training images one epoch visits, in order: a permutation (train.sampler: shuffle), or as many draws
+    with replacement as there are images, every class equally likely (balanced: the small classes' images are
+    seen several times an epoch, some of the big classes' not at all)."""
+    n_train = run.train_images.shape[0]
+    if run.sample_weights is None:
+        return torch.randperm(n_train, generator=generator)
+    return torch.multinomial(run.sample_weights, n_train, replacement=True, generator=generator)
+
+
 def train_epoch(run: Run, member: Member, epoch: int) -> EpochStats:
-    """One pass over a fresh seeded permutation of the training split (the last epoch may stop part-way)."""
+    """One pass over a fresh seeded order of the training split (epoch_order; the last epoch may stop part-way)."""
     member.net.train()
     if hasattr(member.model.net, "on_epoch_start"):
         member.model.net.on_epoch_start(epoch)
     generator = torch.Generator().manual_seed(member.seed * 1_000_003 + epoch)
-    order = torch.randperm(run.train_images.shape[0], generator=generator)
+    order = epoch_order(run, generator)
     stats = EpochStats()
     next_log = run.cfg["log_every"]
     steps = run.schedule.steps_in(epoch)

@@ -25,7 +25,7 @@ from repo_root import REPO_ROOT
 from stages.common import PipelineError, load_checkpoint, save_torch
 from stages.config import ParamsError, load_params
 from stages.optim import Muon, lr_factor, orthogonalize
-from stages.train import balanced_class_weights, cap_batch_size, train
+from stages.train import balanced_class_weights, balanced_sample_weights, cap_batch_size, epoch_order, train
 
 
 def md5(path: Path) -> str:
@@ -524,6 +524,38 @@ def test_balanced_weights_need_every_class_in_the_training_split(workdir: Path) 
     with pytest.raises(PipelineError, match=r"^train\.class_weights: balanced needs a training image of every "
                                             r"class, and class 'class2' has none in data/prepared/train\.pt"):
         train(load_params())
+
+
+def test_the_balanced_sampler_draws_every_class_equally_often() -> None:
+    from types import SimpleNamespace
+    labels = torch.tensor([0] * 300 + [1] * 60 + [2] * 30 + [3] * 10)
+    run = SimpleNamespace(train_images=torch.zeros(len(labels), 1), sample_weights=balanced_sample_weights(labels))
+    drawn = torch.cat([epoch_order(run, torch.Generator().manual_seed(epoch)) for epoch in range(50)])
+    assert drawn.shape == (50 * 400,)  # an epoch is as long as with shuffle
+    shares = torch.bincount(labels[drawn], minlength=4).double() / drawn.numel()
+    assert torch.allclose(shares, torch.full((4,), 0.25, dtype=torch.float64), atol=0.01), shares
+    again = epoch_order(run, torch.Generator().manual_seed(7))
+    assert torch.equal(again, epoch_order(run, torch.Generator().manual_seed(7)))  # seeded
+    shuffle = SimpleNamespace(train_images=run.train_images, sample_weights=None)
+    assert torch.equal(epoch_order(shuffle, torch.Generator().manual_seed(3)).sort().values, torch.arange(400))
+
+
+def test_the_balanced_sampler_changes_the_run_deterministically(workdir: Path, capsys: pytest.CaptureFixture) -> None:
+    make_imbalanced(workdir)
+    tiny_params(workdir, **{"train.epochs": 2})
+    train(load_params())
+    shuffled = [md5(workdir / p) for p in OUTPUTS]
+    tiny_params(workdir, **{"train.epochs": 2, "train.sampler": "balanced"})
+    train(load_params())
+    sampled = [md5(workdir / p) for p in OUTPUTS]
+    assert sampled[0] != shuffled[0] and sampled[1] != shuffled[1]
+    assert load_checkpoint(workdir / "models" / "model.pth")["train"]["sampler"] == "balanced"
+    train(load_params())
+    assert [md5(workdir / p) for p in OUTPUTS] == sampled
+    tiny_params(workdir, **{"train.epochs": 1, "train.sampler": "balanced", "train.class_weights": "balanced"})
+    capsys.readouterr()
+    train(load_params())
+    assert "together they over-weight the small classes" in capsys.readouterr().out
 
 
 def test_unknown_class_weights_setting_names_the_key(workdir: Path) -> None:
