@@ -297,6 +297,13 @@ def make_checkpoint(*, model: str, model_config: dict[str, Any], classes: list[s
             "torch_version": torch.__version__.split("+")[0]}
 
 
+def human_size(nbytes: int) -> str:
+    """A byte count as messages show it: 1.5 GB, 2.0 MB or 65,232 bytes (binary units)."""
+    if nbytes >= 2**30:
+        return f"{nbytes / 2**30:,.1f} GB"
+    return f"{nbytes / 2**20:.1f} MB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Load and check a model checkpoint written by the train stage (see make_checkpoint): its format, the weights
     (tensors by name), and every field that rebuilds and feeds the model (stages.config.check_checkpoint_fields),

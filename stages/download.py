@@ -62,13 +62,14 @@ def download(data: dict[str, Any]) -> dict[str, Any]:
     """Build data/raw for data.source and return what source.json holds."""
     started = time.perf_counter()
     source = data["source"]
+    limits = ArchiveLimits.from_params(data)
     with atomic_folder(RAW_DIR) as staging:  # data/raw is the previous complete dataset or the new one
         if source == "cifar10":
-            info = _cifar10(data["url"], staging)
+            info = _cifar10(data["url"], staging, limits.max_total_bytes)
         elif source == "synthetic":
             info = _synthetic(data, staging)
         else:
-            info = _image_source(source, data["sha256"], staging, ArchiveLimits.from_params(data))
+            info = _image_source(source, data["sha256"], staging, limits)
         write_json(staging / SOURCE_JSON.name, info)
     log(f"download: {source} -> {RAW_DIR}/ in {time.perf_counter() - started:.1f} s")
     return info
@@ -85,8 +86,9 @@ _CIFAR_OFFLINE = (
 )
 
 
-def _cifar10(url: str, staging: Path) -> dict[str, Any]:
-    archive = fetch(url, DOWNLOAD_DIR / CIFAR10_ARCHIVE, ("md5", CIFAR10_MD5), offline_hint=_CIFAR_OFFLINE)
+def _cifar10(url: str, staging: Path, max_bytes: int) -> dict[str, Any]:
+    archive = fetch(url, DOWNLOAD_DIR / CIFAR10_ARCHIVE, ("md5", CIFAR10_MD5), offline_hint=_CIFAR_OFFLINE,
+                    max_bytes=max_bytes)
     _extract_cifar(archive, staging)
     return {"kind": "cifar10", "source": "cifar10", "url": url, "md5": CIFAR10_MD5,
             "classes": list(CIFAR10_CLASSES)}
@@ -219,7 +221,8 @@ def _image_source(source: str, sha256: str | None, staging: Path, limits: Archiv
         info["url"] = source
         name = posixpath.basename(urlparse(source).path) or "archive"
         target = DOWNLOAD_DIR / f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}"
-        path = fetch(source, target, ("sha256", expected) if expected else None, offline_hint=_IMAGES_OFFLINE)
+        path = fetch(source, target, ("sha256", expected) if expected else None, offline_hint=_IMAGES_OFFLINE,
+                     max_bytes=limits.max_total_bytes)
         if path == target and not expected:
             downloaded = path  # nothing pins its content, so a later run must download it again
     else:

@@ -7,6 +7,9 @@ errors (connection reset or cut short, timeout, HTTP 408/429/5xx), checked again
 renamed to `target`; a verified `target` is reused without a request. An unreachable host is not retried: the
 error ends with the caller's `offline_hint`, which says how to run without the network.
 
+A download may not exceed `max_bytes` (the download stage passes data.limits.archive_gb): a file the server announces
+as bigger is not requested, and a body that grows past it (a server that streams forever) is cut off and deleted.
+
 Redirects are followed only to http(s) URLs, and never from https down to plain http (urllib alone would follow
 one to ftp://, and a downgrade would let anyone on the path change the file); a refused redirect names both
 URLs."""
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import ParseResult, urljoin, urlparse
 
-from stages.common import PipelineError, file_digest, log
+from stages.common import PipelineError, file_digest, human_size, log
 from stages.images import progress
 
 RETRIES = 4          # extra attempts after a transient error (connection reset, timeout, HTTP 5xx)
@@ -78,9 +81,11 @@ def check_redirect(url: str, location: str, code: int) -> None:
 _OPENER = urllib.request.build_opener(_SafeRedirects)
 
 
-def fetch(url: str, target: Path, checksum: tuple[str, str] | None, offline_hint: str) -> Path:
-    """A local, verified copy of `url`: a file:// URL is used in place; http(s) is downloaded to `target`.
-    `checksum` is (hashlib algorithm, expected hex digest), or None to take the file as it comes."""
+def fetch(url: str, target: Path, checksum: tuple[str, str] | None, offline_hint: str,
+          max_bytes: int | None = None) -> Path:
+    """A local, verified copy of `url`: a file:// URL is used in place; http(s) is downloaded to `target`, at most
+    `max_bytes` of it. `checksum` is (hashlib algorithm, expected hex digest), or None to take the file as it
+    comes."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return _local_file(url, parsed, checksum)
@@ -92,7 +97,7 @@ def fetch(url: str, target: Path, checksum: tuple[str, str] | None, offline_hint
             return target
         target.unlink()
     try:
-        _download(url, target, checksum)
+        _download(url, target, checksum, max_bytes)
     except _Offline as error:
         raise PipelineError(f"cannot download {url}: {parsed.hostname} is unreachable ({error}). "
                             f"{offline_hint}") from None
@@ -111,11 +116,11 @@ def _local_file(url: str, parsed: ParseResult, checksum: tuple[str, str] | None)
     return path
 
 
-def _download(url: str, target: Path, checksum: tuple[str, str] | None) -> None:
+def _download(url: str, target: Path, checksum: tuple[str, str] | None, max_bytes: int | None) -> None:
     part = target.with_name(target.name + ".part")
     for attempt in range(RETRIES + 1):
         try:
-            _transfer(url, part)
+            _transfer(url, part, max_bytes)
             break
         except _Transient as error:
             if attempt == RETRIES:
@@ -152,8 +157,9 @@ def _validator_file(part: Path) -> Path:
 # ---------------------------------------------------------------- one attempt
 
 
-def _transfer(url: str, part: Path) -> None:
-    """One attempt: download `url` into `part`, resuming from its current size. Raises _Transient or _Offline."""
+def _transfer(url: str, part: Path, max_bytes: int | None) -> None:
+    """One attempt: download `url` into `part`, resuming from its current size. Raises _Transient or _Offline
+    (retried, or reported), or PipelineError."""
     part.parent.mkdir(parents=True, exist_ok=True)
     offset = part.stat().st_size if part.is_file() else 0
     response = _open(url, _request_headers(part, offset), part)
@@ -161,7 +167,12 @@ def _transfer(url: str, part: Path) -> None:
         return
     with response:
         offset, total = _resume_point(response, part, offset)
-        offset = _append_body(response, part, offset, total)
+        if max_bytes is not None and total is not None and total > max_bytes:
+            _discard(part)
+            raise PipelineError(f"{url}: the server announces {human_size(total)}, more than the "
+                                f"{human_size(max_bytes)} of data.limits.archive_gb; nothing was downloaded. Raise "
+                                f"data.limits.archive_gb if the file is genuine")
+        offset = _append_body(response, part, offset, total, url, max_bytes)
     _check_length(part, offset, total)
 
 
@@ -202,8 +213,10 @@ def _save_validator(response: http.client.HTTPResponse, validator: Path) -> None
         validator.unlink(missing_ok=True)
 
 
-def _append_body(response: http.client.HTTPResponse, part: Path, offset: int, total: int | None) -> int:
-    """Write the response body into `part` from `offset` on; return the size `part` has reached."""
+def _append_body(response: http.client.HTTPResponse, part: Path, offset: int, total: int | None, url: str,
+                 max_bytes: int | None) -> int:
+    """Write the response body into `part` from `offset` on; return the size `part` has reached. A body that
+    passes `max_bytes` is cut off there and the part deleted."""
     with open(part, "ab" if offset else "wb") as handle, progress(total, "download", unit="B", initial=offset,
                                                                  unit_scale=True, unit_divisor=1024) as bar:
         while True:
@@ -213,9 +226,20 @@ def _append_body(response: http.client.HTTPResponse, part: Path, offset: int, to
                 raise _Transient(f"transfer interrupted after {offset} bytes ({_reason(error)})") from None
             if not block:
                 return offset
+            if max_bytes is not None and offset + len(block) > max_bytes:
+                handle.close()
+                _discard(part)
+                raise PipelineError(f"{url}: the download passed {human_size(max_bytes)}, the limit of "
+                                    f"data.limits.archive_gb, and was stopped and deleted; raise "
+                                    f"data.limits.archive_gb if the file is genuine")
             handle.write(block)
             offset += len(block)
             bar.update(len(block))
+
+
+def _discard(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    _validator_file(part).unlink(missing_ok=True)
 
 
 def _check_length(part: Path, received: int, total: int | None) -> None:

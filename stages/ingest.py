@@ -19,9 +19,11 @@ picture into an unnamed temporary file beside images.zip, never into memory.
 
 Folder sources: only regular files are read. A link is followed when it resolves to a regular file or a folder (a
 linked class folder is a class like any other); anything else (a FIFO, a device, a socket, a broken link, a link
-loop) is skipped, counted in `ignored_files`, listed with its reason in `ignored_special_files` and warned about.
-Links inside archives are never followed (checked, then skipped). Names must be valid UTF-8 (images.zip stores
-UTF-8): a file or folder named in another encoding (made on a latin-1 system) is refused by name, to be renamed.
+loop) is skipped, counted in `ignored_files`, listed with its reason in `ignored_special_files` and warned about,
+as are a tar's FIFO and device entries. A folder's image files count against `archive_files` and `archive_gb` as
+an archive's members do. Links inside archives are never followed (checked, then skipped). Names must be valid
+UTF-8 (images.zip stores UTF-8): a file or folder named in another encoding (made on a latin-1 system) is refused
+by name, to be renamed.
 """
 
 from __future__ import annotations
@@ -44,7 +46,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from stages.common import PipelineError, file_digest
+from stages.common import PipelineError, file_digest, human_size
 from stages.images import IMAGE_EXTENSIONS, DecodeLimits, is_image_name, progress
 
 _ZIP_DATE = (1980, 1, 1, 0, 0, 0)
@@ -57,6 +59,8 @@ _LINK_TARGET_BYTES = 4096  # a zip symlink's target is a path (at most PATH_MAX)
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: the compressions tarfile opens
 _SPECIAL_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
                   stat.S_IFSOCK: "a socket"}
+_TAR_SPECIAL_KINDS = {tarfile.FIFOTYPE: "a FIFO", tarfile.CHRTYPE: "a character device",
+                      tarfile.BLKTYPE: "a block device"}
 _WARN_LISTED = 5  # special files named in the warning line; source.json lists them all
 
 Members = dict[str, Callable[[], bytes]]  # canonical member name -> a function that reads the picture's bytes
@@ -158,35 +162,42 @@ class _Budget:
     """One source checked against the limits as its headers come; the error names the archive or file and the
     param to raise."""
 
-    def __init__(self, label: str, limits: ArchiveLimits, packed: int | None) -> None:
+    def __init__(self, label: str, limits: ArchiveLimits, packed: int | None, folder: bool = False) -> None:
         self.label = label
         self.limits = limits
         self.packed = packed  # the archive file's size, where the ratio applies to it as a whole
+        self.folder = folder  # a folder source: its image files count as an archive's members
         self.members = 0
 
     def count(self, members: int = 1) -> None:
         self.members += members
         if self.members > self.limits.max_files:
-            raise PipelineError(f"{self.label}: holds more than {self.limits.max_files:,} members, over the limit "
-                                f"data.limits.archive_files; raise it if the archive is genuine")
+            what = "image files" if self.folder else "members"
+            raise PipelineError(f"{self.label}: holds more than {self.limits.max_files:,} {what}, over the limit "
+                                f"data.limits.archive_files; raise it if the {'folder' if self.folder else 'archive'} "
+                                f"is genuine")
 
     def unpacked(self, total: int, member: str) -> None:
-        """`total`: what the archive unpacks to up to the end of `member`."""
+        """`total`: what the archive unpacks to up to the end of `member` (a folder: its image files so far)."""
         if total > self.limits.max_total_bytes:
-            raise PipelineError(f"{self.label}: unpacks to more than {self.limits.max_total_bytes / 2**30:g} GB "
-                                f"(reached at member {member!r}), over the limit data.limits.archive_gb; raise it "
-                                f"if the archive is genuine")
+            limit = f"{self.limits.max_total_bytes / 2**30:g} GB"
+            what = (f"its image files add up to more than {limit} (reached at {member!r})" if self.folder else
+                    f"unpacks to more than {limit} (reached at member {member!r})")
+            raise PipelineError(f"{self.label}: {what}, over the limit data.limits.archive_gb; raise it if the "
+                                f"{'folder' if self.folder else 'archive'} is genuine")
         if self.packed is not None and _over_ratio(total, self.packed, self.limits.max_ratio):
-            raise PipelineError(f"{self.label}: unpacks to {_size(total)} or more from {_size(self.packed)} "
-                                f"(reached at member {member!r}): {_ratio_refusal(total, self.packed, self.limits)}")
+            raise PipelineError(f"{self.label}: unpacks to {human_size(total)} or more from "
+                                f"{human_size(self.packed)} (reached at member {member!r}): "
+                                f"{_ratio_refusal(total, self.packed, self.limits)}")
 
     def picture(self, what: str, size: int, packed: int | None = None) -> None:
         """One picture to be copied, named `what`; `packed`: its compressed size (a zip member)."""
         if size > self.limits.max_member_bytes:
-            raise PipelineError(f"{what}: {_size(size)}, over the limit of {self.limits.max_member_bytes / 2**20:g} MB "
-                                f"per image file (data.limits.image_mb); raise it, or remove the file")
+            raise PipelineError(f"{what}: {human_size(size)}, over the limit of "
+                                f"{self.limits.max_member_bytes / 2**20:g} MB per image file (data.limits.image_mb); "
+                                f"raise it, or remove the file")
         if packed is not None and _over_ratio(size, packed, self.limits.max_ratio):
-            raise PipelineError(f"{what}: unpacks to {_size(size)} from {_size(packed)}: "
+            raise PipelineError(f"{what}: unpacks to {human_size(size)} from {human_size(packed)}: "
                                 f"{_ratio_refusal(size, packed, self.limits)}")
 
 
@@ -198,12 +209,6 @@ def _ratio_refusal(unpacked: int, packed: int, limits: ArchiveLimits) -> str:
     return (f"{unpacked / max(packed, 1):,.0f} times its packed size, over data.limits.compression_ratio "
             f"{limits.max_ratio:g} (a decompression bomb?); raise data.limits.compression_ratio if the archive is "
             f"genuine")
-
-
-def _size(nbytes: int) -> str:
-    if nbytes >= 2**30:
-        return f"{nbytes / 2**30:.1f} GB"
-    return f"{nbytes / 2**20:.1f} MB" if nbytes >= 2**20 else f"{nbytes:,} bytes"
 
 
 # ---------------------------------------------------------------- listing
@@ -283,8 +288,9 @@ def _warn_special(listing: _Listing) -> None:
 def _list_folder(root: Path, label: str, limits: ArchiveLimits) -> _Listing:
     """Walk the folder depth first in sorted order. Links are followed to regular files and folders only, never
     into a folder that contains the link (a loop); hidden folders are not walked."""
-    listing, budget = _Listing(label), _Budget(label, limits, packed=None)
+    listing, budget = _Listing(label), _Budget(label, limits, packed=None, folder=True)
     pending = [("", root, frozenset({_identity(os.stat(root))}))]
+    total = 0
     while pending:
         relative, folder, ancestors = pending.pop()
         subfolders = []
@@ -302,6 +308,9 @@ def _list_folder(root: Path, label: str, limits: ArchiveLimits) -> _Listing:
             else:
                 if listing.wanted(path):
                     budget.picture(_printable(entry.path), target.st_size)
+                    budget.count()
+                    total += target.st_size
+                    budget.unpacked(total, _printable(path))
                 listing.add_file(path, functools.partial(_read_file, Path(entry.path), limits.max_member_bytes))
         pending.extend(reversed(subfolders))
     return listing
@@ -440,6 +449,8 @@ def _list_tar(path: Path, label: str, stack: contextlib.ExitStack, limits: Archi
             elif member.isfile():
                 budget.picture(f"{label}: member {member.name!r}", member.size)
                 listing.add_file(name, _tar_reader(archive, member, label, spool))
+            else:  # a FIFO or device entry (tarfile reads a type it does not know as a regular file)
+                listing.skip(name, _TAR_SPECIAL_KINDS.get(member.type, "not a regular file"))
     except (tarfile.TarError, EOFError, OSError, zlib.error, lzma.LZMAError) as error:
         raise PipelineError(f"{label}: not a readable tar archive ({error})") from None
     return listing

@@ -770,3 +770,101 @@ def test_url_source_without_sha256_warns_with_its_digest(workdir: Path, tmp_path
                   {"source": "cifar10", "url": (tmp_path / "cifar-10-python.tar.gz").as_uri()}):
         code, _, err = run_download(capsys, **quiet)
         assert code == 0 and stage_warnings(err) == [], (quiet, err)
+
+
+# ---------------------------------------------------------------- what a download, a folder, a tar may hold
+
+
+class EndlessServer:
+    """Answers every GET with a body that never ends (no Content-Length), or with a huge announced one."""
+
+    def __init__(self, announce: int | None) -> None:
+        self.sent = 0
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                self.send_response(200)
+                if announce is not None:
+                    self.send_header("Content-Length", str(announce))
+                self.end_headers()
+                block = b"\0" * 65536
+                try:
+                    while owner.sent < 64 << 20:  # a bound, so that a broken client check cannot hang the test
+                        self.wfile.write(block)
+                        owner.sent += len(block)
+                except OSError:  # the client hung up, as it should
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True)
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("announce", [None, 1 << 40])
+def test_a_download_is_cut_off_at_archive_gb(workdir: Path, previous_raw: dict[str, bytes],
+                                             capsys: pytest.CaptureFixture[str], announce: int | None) -> None:
+    """A server that streams forever stops at data.limits.archive_gb (here 2 MiB) and its part file goes; one that
+    announces 1 TiB is not read at all."""
+    endless = EndlessServer(announce)
+    try:
+        result = run_download(capsys, source=endless.url("/pets.zip"), **{"limits.archive_gb": 2 / 1024})
+    finally:
+        endless.close()
+    if announce is None:
+        assert_refused(result, "/pets.zip: the download passed 2.0 MB, the limit of data.limits.archive_gb, "
+                               "and was stopped and deleted")
+    else:
+        assert_refused(result, "/pets.zip: the server announces 1,024.0 GB, more than the 2.0 MB of "
+                               "data.limits.archive_gb; nothing was downloaded")
+    assert endless.sent < 40 << 20
+    assert_unchanged(previous_raw)
+    assert not list(Path("data/.download").glob("*")), "the cut-off part file (and its validator) must go"
+
+
+@pytest.mark.parametrize("limit, value, expected", [
+    ("archive_files", 5, "error: data/sources/pets: holds more than 5 image files, over the limit "
+                         "data.limits.archive_files; raise it if the folder is genuine"),
+    ("archive_gb", 0.001, "error: data/sources/pets: its image files add up to more than 0.001 GB (reached at "
+                          "'train/dog/big.png'), over the limit data.limits.archive_gb"),
+])
+def test_folder_limits_count_its_image_files(workdir: Path, previous_raw: dict[str, bytes],
+                                             capsys: pytest.CaptureFixture[str], limit: str, value: float,
+                                             expected: str) -> None:
+    root = Path("data/sources/pets")
+    make_image_folder(root, SMALL_LAYOUT)  # 6 small images
+    (root / "train" / "cat" / "big.png").write_bytes(noise_png())
+    (root / "train" / "dog" / "big.png").write_bytes(noise_png())
+    (root / "notes.txt").write_text("not an image: not counted")
+    assert_refused(run_download(capsys, source=str(root), **{f"limits.{limit}": value}), expected)
+    assert_unchanged(previous_raw)
+
+
+def test_fifo_and_device_entries_of_a_tar_are_skipped_and_listed(workdir: Path,
+                                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    path = tar_of(Path("data/sources/pets.tar"), split_members(), compression="")
+    with tarfile.open(path, "a") as archive:
+        for name, kind in (("train/cat/pipe.png", tarfile.FIFOTYPE), ("train/dog/zero.png", tarfile.CHRTYPE),
+                           ("train/dog/disk.png", tarfile.BLKTYPE)):
+            entry = tarfile.TarInfo(name)
+            entry.type = kind
+            archive.addfile(entry)
+    code, _, err = run_download(capsys, source=str(path))
+    assert code == 0, err
+    source = json.loads(Path("data/raw/source.json").read_text())
+    assert source["ignored_special_files"] == [{"file": "train/cat/pipe.png", "reason": "a FIFO"},
+                                               {"file": "train/dog/zero.png", "reason": "a character device"},
+                                               {"file": "train/dog/disk.png", "reason": "a block device"}]
+    assert source["images"] == {"train": 4, "test": 4} and source["ignored_files"] == 3
+    (warning,) = stage_warnings(err)
+    assert warning.startswith("warning: data/sources/pets.tar: skipped 3 entries that are neither regular files")
