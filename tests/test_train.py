@@ -688,6 +688,8 @@ def test_a_run_killed_anywhere_resumes_to_the_same_bytes_with_keep_best_and_pati
     reference = [md5(workdir / p) for p in OUTPUTS]
     records = load_checkpoint(workdir / "models" / "model.pth")["selection"]["members"]
     assert all(r["stopped_early"] and r["best_epoch"] < r["epochs_trained"] for r in records)
+    assert json.loads((workdir / "metrics" / "train.json").read_text())["kept_epoch"] == {
+        "member_1": records[0]["kept_epoch"], "member_2": records[1]["kept_epoch"]}
     kill_points = [(1, records[0]["best_epoch"] + 1), (1, records[0]["epochs_trained"]),
                    (2, records[1]["best_epoch"] + 1)]
     for member, epoch in kill_points:
