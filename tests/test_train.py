@@ -592,7 +592,7 @@ def validation_loss(root: Path) -> float:
 def test_keep_best_saves_the_best_epochs_weights_and_trains_exactly_as_keep_last(workdir: Path) -> None:
     tiny_params(workdir, **{**SELECTING, "train.keep": "last"})
     train(load_params())
-    last_rows, last_model = history(workdir), load_checkpoint(workdir / "models" / "model.pth")
+    last_model = load_checkpoint(workdir / "models" / "model.pth")
     last_history = (workdir / "metrics" / "history.csv").read_bytes()
     tiny_params(workdir, **SELECTING)
     train(load_params())
