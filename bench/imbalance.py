@@ -5,6 +5,7 @@ three ways: as is, with `train.class_weights: balanced` (inverse-frequency loss 
 
     python bench/imbalance.py                # the fc preset (seconds per run)
     python bench/imbalance.py airnet-fast    # another preset from presets/
+    python bench/imbalance.py airnet-fast -S train.precision=fp32   # with params changed on top of it
 
 The subset is made by this script in a temporary workspace (nothing in the repository is touched); which images
 are kept is fixed (the first ones of each class folder, in name order), so reruns train on the same data."""
@@ -16,6 +17,7 @@ import sys
 import zipfile
 from pathlib import Path
 
+import yaml
 from workspace import CIFAR_JPEG_ZIP, REPO_ROOT, header, make_workspace, read_metrics, run_stage
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
@@ -54,9 +56,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset", nargs="?", default="fc", help="a preset from presets/ (default: fc)")
     parser.add_argument("--keep", type=float, default=0.1, help="share of the rare classes' training images kept")
+    parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a param on top of the preset, as dvc exp run -S takes it (YAML value)")
     args = parser.parse_args()
+    extra = {key: yaml.safe_load(value) for key, value in (item.split("=", 1) for item in args.set)}
     header(f"class imbalance: CIFAR-10 JPEG, classes 0-{RARE_CLASSES - 1} at {args.keep:.0%} of their training "
-           f"images (train and test), preset {args.preset}")
+           f"images (train and test), preset {args.preset}"
+           + "".join(f", {key}={value}" for key, value in extra.items()))
     root = make_workspace()
     source = root / "data" / "sources" / "imbalanced.zip"
     counts = imbalanced_zip(source, args.keep)
@@ -66,7 +72,7 @@ def main() -> None:
     run_stage(root, "normalize", data, quiet=True)
     rows = []
     for name, setting in VARIANTS.items():
-        overrides = {**data, **read_preset(args.preset), "data.val_fraction": 0.0, **setting}
+        overrides = {**data, **read_preset(args.preset), **extra, "data.val_fraction": 0.0, **setting}
         seconds = run_stage(root, "train", overrides, quiet=True) + run_stage(root, "evaluate", overrides, quiet=True)
         test = read_metrics(root)["test"]
         rows.append((name, test["acc"], test["balanced_accuracy"], test["macro_f1"], seconds))
