@@ -41,7 +41,7 @@ import torch
 
 from stages.common import PipelineError, atomic_folder, derived_seed, file_digest, log, run_stage, write_json
 from stages.config import load_params
-from stages.fetch import fetch
+from stages.fetch import ByteLimit, fetch
 from stages.ingest import ArchiveLimits, checked_members, ingest, path_parts
 from stages.paths import CIFAR10_DIR, DOWNLOAD_DIR, IMAGES_ZIP, RAW_DIR, SOURCE_JSON, SOURCES_DIR
 
@@ -50,6 +50,7 @@ CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
 CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR10_FILES = ("batches.meta", *CIFAR10_TRAIN_BATCHES, "test_batch")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+ARCHIVE_LIMIT = "data.limits.archive_gb"  # what raises the download cap (ArchiveLimits.max_total_bytes)
 SYNTHETIC_VERSION = 1  # bump when the generator changes, so source.json tells old and new data apart
 
 
@@ -88,7 +89,7 @@ _CIFAR_OFFLINE = (
 
 def _cifar10(url: str, staging: Path, max_bytes: int) -> dict[str, Any]:
     archive = fetch(url, DOWNLOAD_DIR / CIFAR10_ARCHIVE, ("md5", CIFAR10_MD5), offline_hint=_CIFAR_OFFLINE,
-                    max_bytes=max_bytes)
+                    limit=ByteLimit(max_bytes, ARCHIVE_LIMIT))
     _extract_cifar(archive, staging)
     return {"kind": "cifar10", "source": "cifar10", "url": url, "md5": CIFAR10_MD5,
             "classes": list(CIFAR10_CLASSES)}
@@ -222,7 +223,7 @@ def _image_source(source: str, sha256: str | None, staging: Path, limits: Archiv
         name = posixpath.basename(urlparse(source).path) or "archive"
         target = DOWNLOAD_DIR / f"{hashlib.sha256(source.encode()).hexdigest()[:12]}-{name}"
         path = fetch(source, target, ("sha256", expected) if expected else None, offline_hint=_IMAGES_OFFLINE,
-                     max_bytes=limits.max_total_bytes)
+                     limit=ByteLimit(limits.max_total_bytes, ARCHIVE_LIMIT))
         if path == target and not expected:
             downloaded = path  # nothing pins its content, so a later run must download it again
     else:

@@ -7,7 +7,8 @@ errors (connection reset or cut short, timeout, HTTP 408/429/5xx), checked again
 renamed to `target`; a verified `target` is reused without a request. An unreachable host is not retried: the
 error ends with the caller's `offline_hint`, which says how to run without the network.
 
-A download may not exceed `max_bytes` (the download stage passes data.limits.archive_gb): a file the server announces
+A download may not exceed its `limit` (bytes, and the setting that raises them: the download stage passes
+data.limits.archive_gb, tools/get_pretrained.py its --max-mb): a file the server announces
 as bigger is not requested, and a body that grows past it (a server that streams forever) is cut off and deleted.
 
 Redirects are followed only to http(s) URLs, and never from https down to plain http (urllib alone would follow
@@ -26,7 +27,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import ParseResult, urljoin, urlparse
 
 from stages.common import PipelineError, file_digest, human_size, log
@@ -36,6 +37,14 @@ RETRIES = 4          # extra attempts after a transient error (connection reset,
 BACKOFF_S = 1.0      # first wait between attempts; doubles each time (1, 2, 4, 8 s)
 TIMEOUT_S = 60.0     # per socket operation, not for the whole transfer
 CHUNK_BYTES = 1 << 20
+
+
+class ByteLimit(NamedTuple):
+    """The most a download may be, and the setting a user raises it with (named in the refusal)."""
+    bytes: int
+    setting: str
+
+
 _sleep = time.sleep  # tests replace it to retry without waiting
 
 
@@ -82,9 +91,9 @@ _OPENER = urllib.request.build_opener(_SafeRedirects)
 
 
 def fetch(url: str, target: Path, checksum: tuple[str, str] | None, offline_hint: str,
-          max_bytes: int | None = None) -> Path:
+          limit: ByteLimit | None = None) -> Path:
     """A local, verified copy of `url`: a file:// URL is used in place; http(s) is downloaded to `target`, at most
-    `max_bytes` of it. `checksum` is (hashlib algorithm, expected hex digest), or None to take the file as it
+    `limit.bytes` of it. `checksum` is (hashlib algorithm, expected hex digest), or None to take the file as it
     comes."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
@@ -97,7 +106,7 @@ def fetch(url: str, target: Path, checksum: tuple[str, str] | None, offline_hint
             return target
         target.unlink()
     try:
-        _download(url, target, checksum, max_bytes)
+        _download(url, target, checksum, limit)
     except _Offline as error:
         raise PipelineError(f"cannot download {url}: {parsed.hostname} is unreachable ({error}). "
                             f"{offline_hint}") from None
@@ -116,11 +125,11 @@ def _local_file(url: str, parsed: ParseResult, checksum: tuple[str, str] | None)
     return path
 
 
-def _download(url: str, target: Path, checksum: tuple[str, str] | None, max_bytes: int | None) -> None:
+def _download(url: str, target: Path, checksum: tuple[str, str] | None, limit: ByteLimit | None) -> None:
     part = target.with_name(target.name + ".part")
     for attempt in range(RETRIES + 1):
         try:
-            _transfer(url, part, max_bytes)
+            _transfer(url, part, limit)
             break
         except _Transient as error:
             if attempt == RETRIES:
@@ -157,7 +166,7 @@ def _validator_file(part: Path) -> Path:
 # ---------------------------------------------------------------- one attempt
 
 
-def _transfer(url: str, part: Path, max_bytes: int | None) -> None:
+def _transfer(url: str, part: Path, limit: ByteLimit | None) -> None:
     """One attempt: download `url` into `part`, resuming from its current size. Raises _Transient or _Offline
     (retried, or reported), or PipelineError."""
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -167,12 +176,12 @@ def _transfer(url: str, part: Path, max_bytes: int | None) -> None:
         return
     with response:
         offset, total = _resume_point(response, part, offset)
-        if max_bytes is not None and total is not None and total > max_bytes:
+        if limit is not None and total is not None and total > limit.bytes:
             _discard(part)
             raise PipelineError(f"{url}: the server announces {human_size(total)}, more than the "
-                                f"{human_size(max_bytes)} of data.limits.archive_gb; nothing was downloaded. Raise "
-                                f"data.limits.archive_gb if the file is genuine")
-        offset = _append_body(response, part, offset, total, url, max_bytes)
+                                f"{human_size(limit.bytes)} of {limit.setting}; nothing was downloaded. Raise "
+                                f"{limit.setting} if the file is genuine")
+        offset = _append_body(response, part, offset, total, url, limit)
     _check_length(part, offset, total)
 
 
@@ -214,9 +223,9 @@ def _save_validator(response: http.client.HTTPResponse, validator: Path) -> None
 
 
 def _append_body(response: http.client.HTTPResponse, part: Path, offset: int, total: int | None, url: str,
-                 max_bytes: int | None) -> int:
+                 limit: ByteLimit | None) -> int:
     """Write the response body into `part` from `offset` on; return the size `part` has reached. A body that
-    passes `max_bytes` is cut off there and the part deleted."""
+    passes `limit` is cut off there and the part deleted."""
     with open(part, "ab" if offset else "wb") as handle, progress(total, "download", unit="B", initial=offset,
                                                                  unit_scale=True, unit_divisor=1024) as bar:
         while True:
@@ -226,12 +235,12 @@ def _append_body(response: http.client.HTTPResponse, part: Path, offset: int, to
                 raise _Transient(f"transfer interrupted after {offset} bytes ({_reason(error)})") from None
             if not block:
                 return offset
-            if max_bytes is not None and offset + len(block) > max_bytes:
+            if limit is not None and offset + len(block) > limit.bytes:
                 handle.close()
                 _discard(part)
-                raise PipelineError(f"{url}: the download passed {human_size(max_bytes)}, the limit of "
-                                    f"data.limits.archive_gb, and was stopped and deleted; raise "
-                                    f"data.limits.archive_gb if the file is genuine")
+                raise PipelineError(f"{url}: the download passed {human_size(limit.bytes)}, the limit of "
+                                    f"{limit.setting}, and was stopped and deleted; raise {limit.setting} if the "
+                                    f"file is genuine")
             handle.write(block)
             offset += len(block)
             bar.update(len(block))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -14,6 +15,7 @@ from repo_root import REPO_ROOT
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+from fileserver import FileServer  # noqa: E402
 from pipeline_repo import Baseline, build_baseline  # noqa: E402  (it imports stages: after the line above)
 
 # Never let a test reach the network or a GPU by accident, and keep DVC quiet.
@@ -31,3 +33,15 @@ def baseline(tmp_path_factory: pytest.TempPathFactory) -> Baseline:
     """The pipeline run once on TINY params and committed, shared by every end-to-end test of the session. Treat
     it as read-only: tests that change anything work on `baseline.repo.copy_to(...)`."""
     return build_baseline(tmp_path_factory.mktemp("baseline") / "repo")
+
+
+@pytest.fixture
+def server() -> Iterator[FileServer]:
+    """A FileServer on 127.0.0.1 for the test, shut down after it."""
+    instance = FileServer()
+    instance.thread.start()
+    try:
+        yield instance
+    finally:
+        instance.httpd.shutdown()
+        instance.httpd.server_close()

@@ -3,13 +3,17 @@ same model, pretrained weights, and refusal of files that are not our checkpoint
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
 import pickle
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from fileserver import FileServer
 from repo_root import REPO_ROOT
 from stages.common import (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_1, PipelineError, load_checkpoint, make_checkpoint,
                            save_torch)
@@ -193,6 +197,74 @@ def test_get_pretrained_tool_is_explicit_and_fails_clearly_offline(tmp_path: Pat
     assert done.returncode == 0, done.stderr
     assert set(torch.load(output, weights_only=True)) == set(torch.load(source, weights_only=True))
 
+
+def get_pretrained_module():  # type: ignore[no-untyped-def]
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("get_pretrained", REPO_ROOT / "tools" / "get_pretrained.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def served_weights(server: FileServer, tmp_path: Path, name: str | None = None) -> tuple[str, bytes]:
+    """torchvision-layout weights on the test server, under torchvision's naming (resnet18-<sha256[:8]>.pth)."""
+    source = tmp_path / "weights.pth"
+    torchvision_weights(source)
+    payload = source.read_bytes()
+    name = name or f"resnet18-{hashlib.sha256(payload).hexdigest()[:8]}.pth"
+    server.files[f"/models/{name}"] = payload
+    return server.url(f"/models/{name}"), payload
+
+
+def test_get_pretrained_downloads_checks_the_hash_in_the_name_and_saves(server: FileServer, tmp_path: Path) -> None:
+    url, payload = served_weights(server, tmp_path)
+    output = tmp_path / "models/pretrained/resnet18.pth"
+    get_pretrained_module().get_pretrained(url, output)
+    saved = torch.load(output, weights_only=True)
+    source = torch.load(tmp_path / "weights.pth", weights_only=True)
+    assert saved.keys() == source.keys() and all(torch.equal(saved[key], source[key]) for key in source)
+    assert sorted(path.name for path in output.parent.iterdir()) == ["resnet18.pth"]  # no .download, .part left
+
+
+@pytest.mark.parametrize("case", ["hash in the name", "--sha256", "--max-mb", "not weights", "not a state_dict"])
+def test_get_pretrained_refuses_a_wrong_download_and_keeps_nothing(server: FileServer, tmp_path: Path,
+                                                                   case: str) -> None:
+    tool = get_pretrained_module()
+    url, payload = served_weights(server, tmp_path, name="resnet18-00000000.pth" if case == "hash in the name"
+                                  else "resnet18.pth")
+    options: dict[str, object] = {}
+    expected = {"hash in the name": "does not start with 00000000, the hash in the file name",
+                "--sha256": "does not match the expected " + "ab" * 32,
+                "--max-mb": "more than the 1.0 MB of --max-mb",
+                "not weights": "the download is not a weights file",
+                "not a state_dict": "the download is not a state_dict"}[case]
+    if case == "--sha256":
+        options["sha256"] = "ab" * 32
+    elif case == "--max-mb":
+        options["max_mb"] = 1
+    elif case == "not weights":
+        server.files["/models/resnet18.pth"] = b"<html>proxy error</html>"
+    elif case == "not a state_dict":
+        buffer = io.BytesIO()
+        torch.save([torch.zeros(2)], buffer)
+        server.files["/models/resnet18.pth"] = buffer.getvalue()
+    output = tmp_path / "models/pretrained/resnet18.pth"
+    with pytest.raises(PipelineError, match=re.escape(expected)):
+        tool.get_pretrained(url, output, **options)
+    assert not output.parent.exists() or list(output.parent.iterdir()) == []
+
+
+
+@pytest.mark.parametrize("flags, expected", [(["--sha256", "f37072fd"], "--sha256 'f37072fd': expected 64 hex digits"),
+                                             (["--max-mb", "0"], "--max-mb 0.0: expected a size in MB above 0")])
+def test_get_pretrained_refuses_bad_flags_before_any_download(tmp_path: Path, flags: list[str], expected: str,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    output = tmp_path / "resnet18.pth"
+    with pytest.raises(SystemExit) as stop:
+        get_pretrained_module().main(["--url", "http://127.0.0.1:9/never-asked.pth", "--output", str(output),
+                                      *flags])
+    assert stop.value.code == 2 and expected in capsys.readouterr().err
+    assert not output.exists()
 
 # ---------------------------------------------------------------- the size facts stages.config keeps without torch
 
