@@ -27,7 +27,7 @@ import torchvision  # noqa: E402
 import yaml  # noqa: E402
 
 from stages import download, normalize  # noqa: E402
-from stages.images import decode_workers  # noqa: E402
+from stages.base.runtime import decode_workers  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -49,18 +49,18 @@ def main() -> None:
         sys.exit(f"error: {args.zip} not found (pass --zip PATH)")
 
     params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text(encoding="utf-8"))
-    data = {**params["data"], "source": f"data/sources/{args.zip.name}", "sha256": None,
-            "image_size": args.image_size}
+    params["data"] = {**params["data"], "source": f"data/sources/{args.zip.name}", "sha256": None,
+                      "image_size": args.image_size}
     previous = Path.cwd()
     with tempfile.TemporaryDirectory(prefix="bench-decode-") as work:
         os.chdir(work)
         try:
             Path("data/sources").mkdir(parents=True)
-            Path(data["source"]).symlink_to(args.zip.resolve())
+            Path(params["data"]["source"]).symlink_to(args.zip.resolve())
             started = time.perf_counter()
-            info = download.download(data)
+            info = download.download(params)
             copied = time.perf_counter()
-            meta = normalize.normalize(data, params["normalize"])
+            meta = normalize.normalize(params)
             finished = time.perf_counter()
         finally:
             os.chdir(previous)

@@ -18,6 +18,7 @@ import zipfile
 from pathlib import Path
 
 import yaml
+
 from workspace import CIFAR_JPEG_ZIP, REPO_ROOT, header, make_workspace, read_metrics, run_stage
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))

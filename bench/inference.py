@@ -17,15 +17,18 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+
 from workspace import REPO_ROOT, header
 
 sys.path.insert(0, str(REPO_ROOT))
 import stages  # noqa: E402,F401  (the stages' thread and allocator settings)
-from stages.common import load_checkpoint, make_checkpoint  # noqa: E402
-from stages.config import load_params, model_config_of  # noqa: E402
-from stages.export import export_onnx, onnx_classifier  # noqa: E402
-from stages.models import (InferenceSettings, build_model, infer, inference_settings,  # noqa: E402
-                           model_from_checkpoint)
+from stages.base.config import load_params  # noqa: E402
+from stages.base.specs import model_config_of  # noqa: E402
+from stages.export import export_onnx  # noqa: E402
+from stages.model.checkpoint import load_checkpoint, make_checkpoint  # noqa: E402
+from stages.model.deploy import OnnxClassifier  # noqa: E402
+from stages.model.nets import (InferenceSettings, build_model, infer, inference_settings,  # noqa: E402
+                               model_from_checkpoint)
 
 BATCHES = (1, 64)
 CLASSES = 10
@@ -70,7 +73,7 @@ def main() -> None:
     checkpoint = load_checkpoint(args.model) if args.model else default_checkpoint(widths)
     model = model_from_checkpoint(checkpoint)
     opset = load_params(REPO_ROOT / "params.yaml")["export"]["opset"]
-    classifier = onnx_classifier(export_onnx(model, checkpoint, opset))
+    classifier = OnnxClassifier(export_onnx(model, checkpoint, opset), "model.onnx")
     as_trained = inference_settings(checkpoint["model"], checkpoint.get("train") or {}, torch.device("cpu"))
     how = str(as_trained.dtype or "fp32").removeprefix("torch.") + (", channels_last" * as_trained.channels_last)
     runtimes: dict[str, Callable[[torch.Tensor], Any]] = {

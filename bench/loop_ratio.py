@@ -17,9 +17,9 @@ import zipfile
 from pathlib import Path
 
 import torch
+from time_to_accuracy import PRESETS
 from torch import nn
 
-from time_to_accuracy import PRESETS
 from workspace import CIFAR_JPEG_ZIP, header, make_workspace, read_metrics, run_stage
 
 

@@ -13,12 +13,15 @@ import torch
 import torch.nn.functional as F
 import yaml
 from torch.profiler import ProfilerActivity, profile
+
 from workspace import REPO_ROOT, header
 
 sys.path.insert(0, str(REPO_ROOT))
 import stages  # noqa: E402,F401  (the stages' thread and allocator settings)
-from stages.models import autocast_dtype, build_model, model_config  # noqa: E402
-from stages.optim import make_optimizers  # noqa: E402
+from stages.base.specs import model_config_of  # noqa: E402
+from stages.model.nets import build_model  # noqa: E402
+from stages.model.precision import autocast_dtype  # noqa: E402
+from stages.model.optim import make_optimizers  # noqa: E402
 
 BATCH = 1024
 
@@ -28,7 +31,7 @@ def main() -> None:
     train = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())["train"]
     device = torch.device("cpu")
     generator = torch.Generator().manual_seed(0)
-    model = build_model("airnet", model_config(train), 10, 32, [0.5] * 3, [0.25] * 3)
+    model = build_model("airnet", model_config_of(train), 10, 32, [0.5] * 3, [0.25] * 3)
     model.net.init_from_data(torch.randn(2000, 3, 32, 32, generator=generator))
     model.to(memory_format=torch.channels_last)
     optimizers = make_optimizers(model, train, device)

@@ -14,11 +14,13 @@ import time
 import torch
 import torch.nn.functional as F
 import yaml
+
 from workspace import REPO_ROOT, header
 
 sys.path.insert(0, str(REPO_ROOT))
 import stages  # noqa: E402,F401  (the stages' thread and allocator settings)
-from stages.models import autocast_dtype, build_model  # noqa: E402
+from stages.model.nets import build_model  # noqa: E402
+from stages.model.precision import autocast_dtype  # noqa: E402
 
 BATCH, STEPS = 1024, 4
 DEFAULT = ["64,256,256@32", "64,256,256@24", "64,256,256@20", "64,192,192@32", "48,192,192@32", "64,160,160@32",

@@ -22,7 +22,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CIFAR_JPEG_ZIP = (REPO_ROOT / ".." / "shared" / "datasets" / "cifar10-jpeg.zip").resolve()
 sys.path.insert(0, str(REPO_ROOT))
 
-from stages.config import set_dotted  # noqa: E402
+from stages.base.config import set_dotted  # noqa: E402
 
 
 def machine() -> str:

@@ -25,7 +25,7 @@ LICENSES_DIR = PLOTS_DIR / "licenses"
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from stages.common import PipelineError, run_stage, write_text  # noqa: E402  (needs the line above)
+from stages.base.runtime import PipelineError, run_stage, write_text  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,12 @@ data.source:
   whatever the archive type, file order or timestamps. data.sha256, when set, must match the archive file; it
   applies to archives only (a folder's content is tracked by DVC, since data/sources is a dependency). A URL
   source without data.sha256 is not tracked by DVC at all (a change at the URL does not rerun the pipeline): the
-  stage warns so, and prints the archive's SHA-256 to pin it with. The limits of data.limits (stages/ingest.py)
-  bound what an archive may unpack to.
+  stage warns so, and prints the archive's SHA-256 to pin it with. The limits of data.limits
+  (stages/dataset/archives.py) bound what an archive may unpack to.
 
-This module is the stage itself, with the two sources in the CIFAR-10 format (official and synthetic);
-stages/fetch.py downloads and verifies a URL, stages/ingest.py turns an image folder or archive into images.zip.
+This module is the stage itself, with the official tarball's extraction and the synthetic generator;
+stages/dataset/fetch.py downloads and verifies a URL, stages/dataset/cifar.py writes the CIFAR-10 format, and
+stages/dataset/ingest.py turns an image folder or archive into images.zip.
 """
 
 from __future__ import annotations
@@ -26,7 +27,6 @@ from __future__ import annotations
 import hashlib
 import lzma
 import os
-import pickle
 import posixpath
 import sys
 import tarfile
@@ -36,41 +36,35 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-import numpy as np
 import torch
 
-from stages.common import PipelineError, atomic_folder, derived_seed, file_digest, log, run_stage, write_json
-from stages.config import load_params
-from stages.fetch import ByteLimit, fetch
-from stages.ingest import ArchiveLimits, checked_members, ingest, path_parts
-from stages.paths import CIFAR10_DIR, DOWNLOAD_DIR, IMAGES_ZIP, RAW_DIR, SOURCE_JSON, SOURCES_DIR
+from stages.base.config import load_params
+from stages.base.paths import CIFAR10_DIR, DOWNLOAD_DIR, IMAGES_ZIP, RAW_DIR, SOURCE_JSON, SOURCES_DIR
+from stages.base.runtime import PipelineError, atomic_folder, derived_seed, file_digest, log, run_stage, write_json
+from stages.dataset.archives import ArchiveLimits, checked_members, path_parts
+from stages.dataset.cifar import CIFAR10_CLASSES, CIFAR10_FILES, write_cifar_batches
+from stages.dataset.fetch import ByteLimit, fetch
+from stages.dataset.ingest import ingest
 
 CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"  # module attributes so tests can serve their own tarball
 CIFAR10_ARCHIVE = "cifar-10-python.tar.gz"
-CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
-CIFAR10_FILES = ("batches.meta", *CIFAR10_TRAIN_BATCHES, "test_batch")
-CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 ARCHIVE_LIMIT = "data.limits.archive_gb"  # what raises the download cap (ArchiveLimits.max_total_bytes)
 SYNTHETIC_VERSION = 1  # bump when the generator changes, so source.json tells old and new data apart
 
 
-def main() -> None:
-    params = load_params()
-    download(params["data"])
-
-
-def download(data: dict[str, Any]) -> dict[str, Any]:
+def download(params: dict[str, Any]) -> dict[str, Any]:
     """Build data/raw for data.source and return what source.json holds."""
     started = time.perf_counter()
-    source = data["source"]
-    limits = ArchiveLimits.from_params(data)
+    cfg = params["data"]
+    source = cfg["source"]
+    limits = ArchiveLimits.from_params(cfg)
     with atomic_folder(RAW_DIR) as staging:  # data/raw is the previous complete dataset or the new one
         if source == "cifar10":
-            info = _cifar10(data["url"], staging, limits.max_total_bytes)
+            info = _cifar10(cfg["url"], staging, limits.max_total_bytes)
         elif source == "synthetic":
-            info = _synthetic(data, staging)
+            info = _synthetic(cfg, staging)
         else:
-            info = _image_source(source, data["sha256"], staging, limits)
+            info = _image_source(source, cfg["sha256"], staging, limits)
         write_json(staging / SOURCE_JSON.name, info)
     log(f"download: {source} -> {RAW_DIR}/ in {time.perf_counter() - started:.1f} s")
     return info
@@ -120,8 +114,8 @@ def _extract_cifar(archive: Path, staging: Path) -> None:
 # ---------------------------------------------------------------- synthetic
 
 
-def _synthetic(data: dict[str, Any], staging: Path) -> dict[str, Any]:
-    sizes, seed = data["synthetic"], data["seed"]
+def _synthetic(cfg: dict[str, Any], staging: Path) -> dict[str, Any]:
+    sizes, seed = cfg["synthetic"], cfg["seed"]
     train_images, train_labels = synthetic_images(sizes["train_size"], seed, "train")
     test_images, test_labels = synthetic_images(sizes["test_size"], seed, "test")
     write_cifar_batches(staging / CIFAR10_DIR.name, train_images, train_labels, test_images, test_labels)
@@ -169,40 +163,6 @@ def synthetic_images(count: int, seed: int, split: str) -> tuple[torch.Tensor, l
         images += 0.08 * torch.randn(images.shape, generator=generator, dtype=torch.float64)
         pixels[part] = (images.clamp(0, 1) * 255).round().to(torch.uint8)
     return pixels, labels.tolist()
-
-
-def write_cifar_batches(directory: Path, train_images: torch.Tensor, train_labels: list[int],
-                        test_images: torch.Tensor, test_labels: list[int],
-                        label_names: tuple[str, ...] = CIFAR10_CLASSES) -> None:
-    """Write images (uint8 N x 3 x 32 x 32) in the CIFAR-10 python format: five training batches, test_batch and
-    batches.meta, pickled dicts with bytes keys and `data` as a uint8 numpy array N x 3072 (R, G, B planes)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    batches = np.array_split(np.arange(len(train_labels)), len(CIFAR10_TRAIN_BATCHES))
-
-    def batch(label: str, images: torch.Tensor, labels: list[int], offset: int) -> dict[bytes, Any]:
-        return {
-            b"batch_label": label.encode(),
-            b"labels": [int(v) for v in labels],
-            b"data": images.reshape(len(labels), 3072).numpy(),
-            b"filenames": [f"{label_names[v].replace(' ', '_')}_s_{offset + i:06d}.png".encode()
-                           for i, v in enumerate(labels)],
-        }
-
-    for number, (name, indices) in enumerate(zip(CIFAR10_TRAIN_BATCHES, batches), start=1):
-        first = int(indices[0]) if len(indices) else 0
-        chosen = train_images[first:first + len(indices)]
-        _write_pickle(directory / name, batch(f"training batch {number} of {len(batches)}", chosen,
-                                              train_labels[first:first + len(indices)], first))
-    _write_pickle(directory / "test_batch", batch("testing batch 1 of 1", test_images, test_labels, 0))
-    _write_pickle(directory / "batches.meta", {
-        b"num_cases_per_batch": len(batches[0]),
-        b"label_names": [name.encode() for name in label_names],
-        b"num_vis": 3072,
-    })
-
-
-def _write_pickle(path: Path, obj: Any) -> None:
-    path.write_bytes(pickle.dumps(obj, protocol=4))
 
 
 # ---------------------------------------------------------------- image folders
@@ -277,6 +237,10 @@ def _source_sha256(path: Path, source: str, expected: str | None) -> str | None:
     if expected and digest != expected:
         raise PipelineError(f"{source}: SHA-256 {digest} does not match data.sha256 {expected}")
     return digest
+
+
+def main() -> None:
+    download(load_params())
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ The metrics follow scikit-learn's definitions (tests/test_evaluate.py checks the
 denominator (the precision of a class never predicted, the recall of a class without test images) is reported as
 0, as scikit-learn's `zero_division=0`; the support column says which classes had no test images. Macro-F1 averages
 the classes that occur among the labels or the predictions, balanced accuracy the classes that have test images
-(stages/scores.py, which train shares for train.monitor: val_macro_f1)."""
+(stages/model/scores.py, which train shares for train.monitor: val_macro_f1)."""
 
 from __future__ import annotations
 
@@ -18,13 +18,14 @@ import io
 import torch
 import torch.nn.functional as F
 
-from stages.common import (PipelineError, load_checkpoint, load_split, log, pick_device, run_stage, write_json,
-                           write_text)
-from stages.config import load_params
-from stages.models import infer, inference_settings, model_from_checkpoint
-from stages.paths import (CALIBRATION_CSV, MODEL_PATH, PER_CLASS_CSV, PER_CLASS_JSON, PREDICTIONS_CSV, TEST_METRICS,
-                          TEST_SPLIT)
-from stages.scores import ClassScores, class_scores, confusion_counts
+from stages.base.config import load_params
+from stages.base.paths import (CALIBRATION_CSV, MODEL_PATH, PER_CLASS_CSV, PER_CLASS_JSON, PREDICTIONS_CSV,
+                               TEST_METRICS, TEST_SPLIT)
+from stages.base.runtime import PipelineError, log, run_stage, write_json, write_text
+from stages.model.checkpoint import load_checkpoint
+from stages.model.nets import infer, inference_settings, model_from_checkpoint
+from stages.model.scores import ClassScores, class_scores, confusion_counts
+from stages.model.tensors import load_split, pick_device
 
 ECE_BINS = 15  # equal-width confidence bins of the expected calibration error (the usual choice since Guo et al.)
 
@@ -95,8 +96,8 @@ def check_inputs(checkpoint: dict, images: torch.Tensor, labels: torch.Tensor) -
 
 
 def write_per_class(classes: list[str], correct: torch.Tensor, labels: torch.Tensor, scores: ClassScores) -> None:
-    """per_class.json and per_class.csv: accuracy (None / empty without test images) and count first, as before,
-    then precision, recall, F1 and support."""
+    """per_class.json and per_class.csv: accuracy (None / empty without test images) and count first (the
+    per-class plot reads accuracy), then precision, recall, F1 and support."""
     accuracy = {}
     for index, name in enumerate(classes):
         mask = labels == index

@@ -1,7 +1,7 @@
 """normalize stage: decode data/raw/ once into compact tensors in data/prepared/.
 
 - train.pt, val.pt, test.pt: {"images": uint8 N x 3 x S x S, "labels": int64 N} (read back with
-  stages.common.load_split). The validation split is a seeded, stratified share (data.val_fraction) of the
+  stages.model.tensors.load_split). The validation split is a seeded, stratified share (data.val_fraction) of the
   training data; only evaluate touches test.
 - meta.json: class names, image size, the per-channel normalization (`normalize.stats`: `dataset` = mean/std of
   the training split's pixels scaled to 0..1, `fixed` = the seed's 0.5/0.5), sample counts per split and class,
@@ -10,7 +10,7 @@
   report shows.
 
 CIFAR-10 and synthetic data are 32x32 already (resized only when data.image_size differs); image folders are
-decoded by stages.images (rules in its docstring) within the limits of params `data.limits`, each member of
+decoded by stages.dataset.images (rules in its docstring) within the limits of params `data.limits`, each member of
 images.zip read only when its chunk is decoded, so the encoded files are never all in memory. A flat
 `<class>/*` folder is split into train and test here, seeded and stratified by data.test_fraction. The sample
 order is fixed (CIFAR batch order, or sorted file names), so the same inputs always give the same bytes.
@@ -21,7 +21,6 @@ image): that stops the stage here, not after training.
 from __future__ import annotations
 
 import math
-import pickle
 import threading
 import time
 import zipfile
@@ -29,36 +28,33 @@ import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import torch
 
-from stages.common import PipelineError, derived_seed, log, read_json, run_stage, save_torch, write_json
-from stages.config import load_params
-from stages.images import DecodeLimits, ImageDecodeError, decode_images, resize_square
-from stages.paths import CIFAR10_DIR, IMAGES_ZIP, META_JSON, SOURCE_JSON, TEST_SPLIT, TRAIN_SPLIT, VAL_SPLIT
+from stages.base.config import load_params
+from stages.base.paths import CIFAR10_DIR, IMAGES_ZIP, META_JSON, SOURCE_JSON, TEST_SPLIT, TRAIN_SPLIT, VAL_SPLIT
+from stages.base.runtime import PipelineError, derived_seed, log, read_json, run_stage, write_json
+from stages.dataset.cifar import Split, load_cifar
+from stages.dataset.imagefiles import over_byte_limit
+from stages.dataset.images import DecodeLimits, ImageDecodeError, decode_images, resize_square
+from stages.dataset.ingest import member_layout
+from stages.model.tensors import save_torch
 
-CIFAR10_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))  # the CIFAR-10 python format's file names
-SPLIT_FILES = {"train": TRAIN_SPLIT, "val": VAL_SPLIT, "test": TEST_SPLIT}
 IMBALANCE_RATIO = 3  # largest / smallest training class at which the data summary warns
 _RESIZE_CHUNK = 2048  # images resized per call: bounds the temporary memory
 # What a damaged zip raises by case (RuntimeError: encrypted member; NotImplementedError: unknown compression)
 _ZIP_READ_ERRORS = (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error)
 
 
-def main() -> None:
-    params = load_params()
-    normalize(params["data"], params["normalize"])
-
-
-def normalize(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
+def normalize(params: dict[str, Any]) -> dict[str, Any]:
     """Write data/prepared/{train,val,test}.pt and meta.json; return the meta dict."""
     started = time.perf_counter()
+    cfg, data = params["normalize"], params["data"]  # data: the shared section that download reads too
     source = read_json(SOURCE_JSON, "the raw data description (written by the download stage)")
     size = data["image_size"]
     kind = source.get("kind") if isinstance(source, dict) else None
     skipped: list[dict[str, str]] = []
     if kind in ("cifar10", "synthetic"):
-        classes, train, test = load_cifar(CIFAR10_DIR, size)
+        classes, train, test = _load_cifar(CIFAR10_DIR, size)
     elif kind == "images":
         classes, train, test, skipped = load_image_zip(IMAGES_ZIP, size, data, source)
     else:
@@ -67,14 +63,14 @@ def normalize(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     kept, held = stratified_split(train[1], data["val_fraction"], data["seed"], "val")
     splits = {"train": (train[0][kept], train[1][kept]), "val": (train[0][held], train[1][held]), "test": test}
     require_images(splits, IMAGES_ZIP if kind == "images" else CIFAR10_DIR, source.get("source"), skipped)
-    if settings["stats"] == "dataset":
+    if cfg["stats"] == "dataset":
         mean, std = channel_stats(splits["train"][0])
     else:
         mean, std = [0.5] * 3, [0.5] * 3
     meta = {
         "classes": classes,
         "image_size": size,
-        "stats": settings["stats"],
+        "stats": cfg["stats"],
         "mean": mean,
         "std": std,
         "splits": {name: len(labels) for name, (_, labels) in splits.items()},
@@ -87,8 +83,9 @@ def normalize(data: dict[str, Any], settings: dict[str, Any]) -> dict[str, Any]:
     if warning:  # only then: a balanced data set keeps the meta.json bytes it had before this key existed
         meta["warning"] = warning
     # Everything is computed before the first write, so a failure leaves the previous outputs untouched.
-    for name, (images, labels) in splits.items():
-        save_torch({"images": _compact(images), "labels": _compact(labels.to(torch.int64))}, SPLIT_FILES[name])
+    for name, path in (("train", TRAIN_SPLIT), ("val", VAL_SPLIT), ("test", TEST_SPLIT)):
+        images, labels = splits[name]
+        save_torch({"images": _compact(images), "labels": _compact(labels.to(torch.int64))}, path)
     write_json(META_JSON, meta)
     counts = meta["splits"]
     log(f"normalize: {len(classes)} classes, {counts['train']} train / {counts['val']} val / {counts['test']} test "
@@ -108,70 +105,9 @@ def _compact(tensor: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------- CIFAR-10 python format
 
 
-def _numpy_reconstruct() -> Any:
-    try:
-        from numpy._core.multiarray import _reconstruct  # numpy >= 2
-    except ImportError:  # numpy 1.x
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
-
-
-class _BatchUnpickler(pickle.Unpickler):
-    """Unpickling can run arbitrary code; a CIFAR batch needs nothing but numpy arrays, so only the functions
-    that rebuild them are allowed (any other global is refused)."""
-
-    def find_class(self, module: str, name: str) -> Any:
-        if name == "_reconstruct" and module in ("numpy.core.multiarray", "numpy._core.multiarray"):
-            return _numpy_reconstruct()
-        if (module, name) == ("numpy", "ndarray"):
-            return np.ndarray
-        if (module, name) == ("numpy", "dtype"):
-            return np.dtype
-        if (module, name) == ("_codecs", "encode"):  # bytes in protocol-2 pickles written by Python 3
-            import codecs
-            return codecs.encode
-        raise pickle.UnpicklingError(f"refusing to load {module}.{name} (not part of the CIFAR-10 format)")
-
-
-def _unpickle(path: Path) -> dict[bytes, Any]:
-    if not path.is_file():
-        raise PipelineError(f"{path} is missing; rerun the download stage (dvc repro)")
-    try:
-        with open(path, "rb") as handle:
-            # The official files were pickled by Python 2: their str keys load as bytes with encoding='bytes'.
-            obj = _BatchUnpickler(handle, encoding="bytes").load()
-    except Exception as error:  # a damaged pickle raises almost anything (UnpicklingError, EOFError, ValueError...)
-        raise PipelineError(f"{path}: not a readable CIFAR-10 batch file ({type(error).__name__}: {error})") from None
-    if not isinstance(obj, dict):
-        raise PipelineError(f"{path}: not a CIFAR-10 batch file (expected a pickled dict, got {type(obj).__name__})")
-    return obj
-
-
-def _load_batch(path: Path, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    batch = _unpickle(path)
-    data, labels = batch.get(b"data"), batch.get(b"labels")
-    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
-        described = f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray) else repr(type(data))
-        raise PipelineError(f"{path}: 'data' must be a uint8 array N x 3072 (32x32 RGB), got {described}")
-    if (not isinstance(labels, list) or len(labels) != data.shape[0]
-            or not all(isinstance(v, int) and 0 <= v < num_classes for v in labels)):
-        raise PipelineError(f"{path}: 'labels' must be a list of {data.shape[0]} class numbers 0..{num_classes - 1}")
-    images = torch.from_numpy(np.ascontiguousarray(data)).reshape(-1, 3, 32, 32)
-    return images, torch.tensor(labels, dtype=torch.int64)
-
-
-def load_cifar(folder: Path, size: int) -> tuple[list[str], tuple[torch.Tensor, torch.Tensor],
-                                                  tuple[torch.Tensor, torch.Tensor]]:
-    """(class names, (train images, labels), (test images, labels)) from the CIFAR-10 python batches."""
-    meta_path = folder / "batches.meta"
-    names = _unpickle(meta_path).get(b"label_names")
-    if (not isinstance(names, list) or len(names) < 2
-            or not all(isinstance(name, (bytes, str)) and name for name in names)):
-        raise PipelineError(f"{meta_path}: 'label_names' must be a list of at least 2 class names")
-    classes = [name.decode("utf-8") if isinstance(name, bytes) else name for name in names]
-    parts = [_load_batch(folder / name, len(classes)) for name in CIFAR10_TRAIN_BATCHES]
-    train = torch.cat([images for images, _ in parts]), torch.cat([labels for _, labels in parts])
-    test = _load_batch(folder / "test_batch", len(classes))
+def _load_cifar(folder: Path, size: int) -> tuple[list[str], Split, Split]:
+    """The CIFAR-10 batches in `folder`, resized from the format's 32x32 when data.image_size differs."""
+    classes, train, test = load_cifar(folder)
     if size != 32:
         train, test = (_resize_all(train[0], size), train[1]), (_resize_all(test[0], size), test[1])
     return classes, train, test
@@ -214,7 +150,7 @@ class ZipMembers(Sequence[bytes]):
 
 def load_image_zip(path: Path, size: int, data: dict[str, Any], source: dict[str, Any]) -> tuple[
         list[str], tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor], list[dict[str, str]]]:
-    """Decode the canonical images.zip (members train|test|all/<class>/<path>, written by stages/ingest.py).
+    """Decode the canonical images.zip (members train|test|all/<class>/<path>, written by stages/dataset/ingest.py).
     Returns (classes, train, test, skipped files); an `all/` layout is split by data.test_fraction here."""
     if not path.is_file():
         raise PipelineError(f"{path} is missing; rerun the download stage (dvc repro)")
@@ -253,31 +189,14 @@ def load_image_zip(path: Path, size: int, data: dict[str, Any], source: dict[str
     return classes, train, (images[test_idx], labels[test_idx]), skipped
 
 
-def member_layout(path: Path, names: list[str]) -> tuple[list[str], list[str]]:
-    """(split, class) of each member name train|test|all/<class>/<file>, checked."""
-    member_splits, member_classes = [], []
-    for name in names:
-        parts = name.split("/")
-        if len(parts) < 3 or parts[0] not in ("train", "test", "all"):
-            raise PipelineError(f"{path}: unexpected member {name!r} (expected train|test|all/<class>/<file>); "
-                                f"rerun the download stage")
-        member_splits.append(parts[0])
-        member_classes.append(parts[1])
-    if set(member_splits) not in ({"train", "test"}, {"all"}):
-        raise PipelineError(f"{path}: expected train/ and test/ members or only all/ members, found "
-                            f"{', '.join(sorted(set(member_splits)))}; rerun the download stage")
-    return member_splits, member_classes
-
-
 def check_member_sizes(path: Path, archive: zipfile.ZipFile, names: list[str], limits: DecodeLimits) -> None:
     """The download stage copies no picture over data.limits.image_mb; a member over it (a images.zip made some
     other way) is refused from its header, before it is read."""
     for name in names:
         declared = archive.getinfo(name).file_size
         if declared > limits.max_bytes:
-            raise PipelineError(f"{path}: member {name!r} is {declared:,} bytes, over the limit of "
-                                f"{limits.max_bytes / 2**20:g} MB per image file (data.limits.image_mb); rerun "
-                                f"the download stage")
+            raise PipelineError(f"{path}: member {name!r} is {over_byte_limit(declared, limits.max_bytes)}; "
+                                f"rerun the download stage")
 
 
 def require_images(splits: dict[str, tuple[torch.Tensor, torch.Tensor]], raw: Path, source: Any,
@@ -349,6 +268,10 @@ def imbalance_warning(train_counts: dict[str, int]) -> str | None:
 def class_counts(labels: torch.Tensor, classes: list[str]) -> dict[str, int]:
     counts = torch.bincount(labels, minlength=len(classes)).tolist() if len(labels) else [0] * len(classes)
     return dict(zip(classes, counts))
+
+
+def main() -> None:
+    normalize(load_params())
 
 
 if __name__ == "__main__":

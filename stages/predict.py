@@ -6,14 +6,15 @@
     python -m stages.predict models/model.safetensors photo.jpg photos/ ...  # the exported weights, on torch
 
 The model file decides the runtime. A `.onnx` file (the export stage's) runs on ONNX Runtime through
-stages.deploy, and torch is never imported: a deployment needs onnxruntime, numpy and Pillow only. Any other file
-is a model for torch: the train stage's checkpoint, or the export stage's `.safetensors` (weights and metadata).
+stages/model/deploy.py, and torch is never imported: a deployment needs onnxruntime, numpy and Pillow only. Any
+other file is a model for torch: the train stage's checkpoint, or the export stage's `.safetensors` (weights and
+metadata; both read by stages/model/checkpoint.py).
 
-Every image goes through the model's own preprocessing: stages.images decodes it exactly as normalize decoded the
-training images (EXIF rotation, grey/alpha/palette to RGB, shorter side resized to the model's image size and
-centre-cropped; for a .onnx model stages.deploy applies the same rules with Pillow alone, whose resize may differ
-by 1 in a few pixel values), and the model carries its normalization, so any picture works. Folders are searched
-recursively for image files (hidden files and folders are left out), in sorted order.
+Every image goes through the model's own preprocessing: stages/dataset/images.py decodes it exactly as normalize
+decoded the training images (EXIF rotation, grey/alpha/palette to RGB, shorter side resized to the model's image
+size and centre-cropped; for a .onnx model stages/model/deploy.py applies the same rules with Pillow alone, whose
+resize may differ by 1 in a few pixel values), and the model carries its normalization, so any picture works.
+Folders are searched recursively for image files (hidden files and folders are left out), in sorted order.
 
 Exit status: 0 when every image was classified; 1 when some images could not be read (the others are still
 classified and written, the unreadable ones are listed on stderr); 2 for a usage error, a missing input or a file
@@ -35,8 +36,10 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 # Only torch-free modules at the top: a .onnx model must run where torch is not installed.
-from stages import deploy
-from stages.deploy import IMAGE_EXTENSIONS, DeployError, OnnxClassifier, decode_workers, is_image_name, progress
+from stages.base.runtime import PipelineError, decode_workers, progress, run_stage, write_text
+from stages.dataset.imagefiles import IMAGE_EXTENSIONS, is_image_name
+from stages.model import deploy
+from stages.model.deploy import OnnxClassifier
 
 if TYPE_CHECKING:
     import torch
@@ -72,22 +75,21 @@ def find_images(inputs: Sequence[str]) -> list[Path]:
         elif path.is_file():
             found.append(path)
         elif path.exists():
-            raise DeployError(f"{path}: not a file or folder")
+            raise PipelineError(f"{path}: not a file or folder")
         else:
-            raise DeployError(f"{path}: no such file or folder")
+            raise PipelineError(f"{path}: no such file or folder")
     if not found:
-        raise DeployError("no image files to classify")
+        raise PipelineError("no image files to classify")
     return found
 
 
 def load_model(path: str | Path) -> tuple[dict[str, Any], torch.nn.Module]:
     """A model for torch: the train stage's checkpoint, or the export stage's .safetensors (its metadata rebuilds
     the model; a file whose weights do not fit it is refused)."""
-    from stages.common import PipelineError, load_checkpoint
-    from stages.models import model_from_checkpoint
+    from stages.model.checkpoint import load_checkpoint, read_safetensors
+    from stages.model.nets import model_from_checkpoint
 
     if Path(path).suffix.lower() == SAFETENSORS_SUFFIX:
-        from stages.export import read_safetensors
         checkpoint = read_safetensors(path)
     else:
         checkpoint = load_checkpoint(path)  # refuses pickled code, other files and other checkpoint versions
@@ -136,9 +138,9 @@ def predict(checkpoint: dict[str, Any], model: torch.nn.Module, files: Sequence[
     """classify() on torch. Inference runs exactly as in the evaluate stage (same precision and memory layout)."""
     import torch
 
-    from stages.common import PipelineError, pick_device
-    from stages.images import decode_image, read_image_file
-    from stages.models import infer, inference_settings
+    from stages.dataset.images import decode_image, read_image_file
+    from stages.model.nets import infer, inference_settings
+    from stages.model.tensors import pick_device
 
     device = device or pick_device()
     size = int(checkpoint["image_size"])
@@ -158,11 +160,11 @@ def predict(checkpoint: dict[str, Any], model: torch.nn.Module, files: Sequence[
 
 def predict_onnx(classifier: OnnxClassifier, files: Sequence[Path], top_k: int = 5,
                  batch_size: int = 64) -> tuple[list[Prediction], list[str]]:
-    """classify() on ONNX Runtime (stages.deploy), without torch."""
+    """classify() on ONNX Runtime (stages/model/deploy.py), without torch."""
     def decode(path: Path) -> np.ndarray | str:
         try:
             return deploy.load_image(path, classifier.image_size)
-        except DeployError as error:
+        except PipelineError as error:
             return str(error)
 
     return classify(files, decode, lambda images: classifier.logits(np.stack(images)), classifier.classes, top_k,
@@ -228,27 +230,24 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def run_checkpoint(args: argparse.Namespace) -> None:
     """The torch runtime: a checkpoint or a .safetensors."""
-    from stages.common import write_text
-
     files = find_images(args.inputs)  # before the model loads: a typo in a path fails fast
     checkpoint, model = load_model(args.model)
     predictions, errors = predict(checkpoint, model, files, args.top_k, args.batch_size, args.tta)
-    write_results(args, predictions, errors, len(files), write_text)
+    write_results(args, predictions, errors, len(files))
 
 
 def run_onnx(args: argparse.Namespace) -> None:
-    """The ONNX Runtime runtime (stages.deploy): nothing here imports torch."""
+    """The ONNX Runtime runtime (stages/model/deploy.py): nothing here imports torch."""
     if args.tta != 1:
-        raise DeployError(f"--tta {args.tta}: test-time augmentation runs in torch; use the checkpoint "
-                          "(models/model.pth) for it, a .onnx model classifies each image as it is")
+        raise PipelineError(f"--tta {args.tta}: test-time augmentation runs in torch; use the checkpoint "
+                            "(models/model.pth) for it, a .onnx model classifies each image as it is")
     files = find_images(args.inputs)
     classifier = OnnxClassifier(args.model, args.model)
     predictions, errors = predict_onnx(classifier, files, args.top_k, args.batch_size)
-    write_results(args, predictions, errors, len(files), deploy.write_text)
+    write_results(args, predictions, errors, len(files))
 
 
-def write_results(args: argparse.Namespace, predictions: list[Prediction], errors: list[str], total: int,
-           write_text: Callable[[str, str], None]) -> None:
+def write_results(args: argparse.Namespace, predictions: list[Prediction], errors: list[str], total: int) -> None:
     """Write the predictions (to --output, atomically, or stdout) and list the unreadable images (exit 1)."""
     output = FORMATTERS[args.format](predictions)
     if args.output:
@@ -267,18 +266,8 @@ def write_results(args: argparse.Namespace, predictions: list[Prediction], error
 def main(argv: Sequence[str] | None = None) -> None:
     """Entry point of `python -m stages.predict` and of the `cifar-predict` console script."""
     args = parse_args(argv)
-    if Path(args.model).suffix.lower() == ONNX_SUFFIX:
-        deploy.run_cli(lambda: run_onnx(args))
-        return
-    from stages.common import PipelineError, run_stage
-
-    def run() -> None:
-        try:
-            run_checkpoint(args)
-        except DeployError as error:  # find_images' errors: the same one line as every PipelineError
-            raise PipelineError(str(error)) from None
-
-    run_stage(run)
+    run = run_onnx if Path(args.model).suffix.lower() == ONNX_SUFFIX else run_checkpoint
+    run_stage(lambda: run(args))
 
 
 if __name__ == "__main__":

@@ -9,167 +9,61 @@ it before a rerun); it is bound to a fingerprint of the params and data and is u
 cannot be read (truncated, damaged) is ignored with a line saying so: the run starts afresh and gives the same
 bytes as without it. Runs under torchrun (DistributedDataParallel) when train.nproc > 1, one process per CUDA GPU
 (more processes than GPUs are refused before launching) or CPU processes with gloo; a rank that fails reports its
-own one-line error, which is the one line the stage prints, instead of torchrun's summary of failed processes. The
-optimizers, the schedule and weight averaging live in stages/optim.py; which epoch's weights are kept, and early
-stopping, in stages/selection.py."""
+own one-line error, which is the one line the stage prints, instead of torchrun's summary of failed processes.
+
+The mechanisms are in stages/model/: the schedule, the optimizers and weight averaging in optim.py; which epoch's
+weights are kept, and early stopping, in selection.py; the processes in distributed.py; the resume checkpoint in
+resume.py."""
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import os
 import shutil
-import subprocess
-import sys
-import tempfile
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from stages.augment import alternating_flips, augment_batch, flip_mask
-from stages.common import (PACKAGE_DIR, PipelineError, code_closure, file_digest, load_split, load_torch, log,
-                           make_checkpoint, pick_device, read_json, run_stage, save_torch, seed_everything,
-                           write_json, write_text)
-from stages.config import load_params, resolve_phases
-from stages.models import (ImageClassifier, InferenceSettings, autocast_dtype, build_model, infer,
-                           inference_settings, load_pretrained, model_config, model_from_checkpoint,
-                           pretrained_weights)
-from stages.optim import WeightAverage, apply_weight_decay, lr_factor, make_optimizers, set_lr
-from stages.paths import (HISTORY_CSV, META_JSON, MODEL_PATH, RESUME_PATH, TRAIN_METRICS, TRAIN_SPLIT, TRAIN_TIME,
-                          VAL_SPLIT)
-from stages.scores import macro_f1
-from stages.selection import Selection
+from stages.base.config import load_params, resolve_phases, selection_keys
+from stages.base.paths import (HISTORY_CSV, META_JSON, MODEL_PATH, RESUME_PATH, TRAIN_METRICS, TRAIN_SPLIT, TRAIN_TIME,
+                               VAL_SPLIT)
+from stages.base.runtime import PipelineError, log, read_json, run_stage, write_json, write_text
+from stages.base.specs import model_config_of
+from stages.dataset.augment import alternating_flips, augment_batch, flip_mask
+from stages.model.checkpoint import make_checkpoint
+from stages.model.distributed import (all_reduce_sum, broadcast_flag, check_processes, finish_distributed,
+                                      relaunch_under_torchrun, setup_device)
+from stages.model.nets import (ImageClassifier, InferenceSettings, build_model, infer, inference_settings,
+                               load_pretrained, model_from_checkpoint)
+from stages.model.optim import (Schedule, WeightAverage, apply_weight_decay, lr_factor, make_optimizers, plan_schedule,
+                                set_lr)
+from stages.model.precision import autocast_dtype
+from stages.model.resume import Progress, fingerprint, resume_run, save_resume
+from stages.model.scores import macro_f1
+from stages.model.selection import Selection
+from stages.model.tensors import load_split, save_torch, seed_everything
 
 HISTORY_COLUMNS = ("member", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr")
 WHITENING_SAMPLE = 5000  # images used to estimate the airnet stem's patch covariance
-RESUME_FIELDS = frozenset({"fingerprint", "member", "members", "selections", "epoch", "elapsed", "history", "model",
-                           "optimizers", "average", "selection"})  # what save_resume writes
-
-
-# ---------------------------------------------------------------- distributed
-
-
-def check_processes(nproc: int) -> None:
-    """Before launching: DistributedDataParallel on CUDA runs one process per GPU, and gloo cannot reduce MPS
-    tensors, so train.nproc must fit the device that pick_device chooses."""
-    device = pick_device()
-    if device.type == "cuda" and nproc > torch.cuda.device_count():
-        count = torch.cuda.device_count()
-        raise PipelineError(f"train.nproc: {nproc} processes, but this machine has {count} CUDA GPU"
-                            f"{'' if count == 1 else 's'} and each process needs its own; set train.nproc to at most "
-                            f"{count} (or PIPELINE_DEVICE=cpu to train in CPU processes)")
-    if device.type == "mps":
-        raise PipelineError(f"train.nproc: {nproc} processes cannot share an MPS device; set train.nproc: 1 "
-                            f"(or PIPELINE_DEVICE=cpu to train in CPU processes)")
-
-
-def relaunch_under_torchrun(nproc: int) -> None:
-    """train.nproc > 1: run this same stage under torchrun, one process per worker, and exit with its status.
-    The processes' stderr is held back until they end: when one failed with its own one-line `error:`, that line
-    is this stage's error (torchrun's report of failed processes would bury it); anything else, a traceback
-    included, is shown as it was written."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-               "-m", "stages.train"]
-    log(f"train.nproc={nproc}: {' '.join(command[1:])}")
-    with tempfile.TemporaryFile("w+", encoding="utf-8", errors="replace") as stderr:
-        status = subprocess.call(command, stderr=stderr)
-        stderr.seek(0)
-        captured = stderr.read()
-    errors = [line for line in captured.splitlines() if line.startswith("error: ")]  # run_stage's lines
-    if status != 0 and errors:
-        raise PipelineError(errors[0].removeprefix("error: "))
-    sys.stderr.write(captured)
-    sys.exit(status)
-
-
-def init_distributed(device: torch.device) -> tuple[int, int]:
-    """(rank, world size); (0, 1) for a plain single-process run."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend)
-    if device.type == "cpu":  # share the cores instead of every rank spinning on all of them
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    return dist.get_rank(), world
-
-
-def all_reduce_sum(values: list[float], device: torch.device, world: int) -> list[float]:
-    if world == 1:
-        return values
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.tolist()
-
-
-def setup_device(cfg: dict[str, Any]) -> tuple[torch.device, int, int]:
-    """This process's device, rank and world size, with the CUDA kernel choices train.deterministic asks for."""
-    device = pick_device()
-    rank, world = init_distributed(device)
-    if device.type == "cuda":
-        if world > 1:
-            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-            torch.cuda.set_device(device)
-        torch.backends.cudnn.benchmark = not cfg["deterministic"]
-        if cfg["deterministic"]:
-            # Deterministic kernels where CUDA has them; the few ops without one (max-pool and bilinear
-            # upsampling backward) warn instead of failing, so those runs stay close but not bit-exact.
-            torch.use_deterministic_algorithms(True, warn_only=True)
-    return device, rank, world
+TRAIN_JSON_NUMBERS = {"train": {"loss": "train_loss", "acc": "train_acc"},  # section -> its name -> score name
+                      "val": {"loss": "val_loss", "acc": "val_acc", "macro_f1": "val_macro_f1"}}
 
 
 # ---------------------------------------------------------------- the run
 
 
 @dataclass(frozen=True)
-class Schedule:
-    """The run's length in optimizer steps, the same for every member: each phase of train (in epochs) becomes a
-    whole number of steps."""
-    steps_per_epoch: int
-    total_steps: int
-    epochs: int  # epochs started; the last one may stop part-way (fractional train.epochs)
-    warmup_steps: int
-    low_res_steps: int
-    averaging_start: int
-
-    def global_step(self, epoch: int, step_in_epoch: int) -> int:
-        return epoch * self.steps_per_epoch + step_in_epoch
-
-    def steps_in(self, epoch: int) -> int:
-        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
-
-
-def plan_schedule(cfg: dict[str, Any], n_train: int, world: int, image_size: int) -> Schedule:
-    full, remainder = divmod(n_train, cfg["batch_size"])
-    # The last, smaller batch is kept only when every process gets the same number (>= 2, for BatchNorm) of
-    # its images; otherwise it is dropped (a different part of the data each epoch).
-    steps_per_epoch = full + (1 if remainder >= 2 * world and remainder % world == 0 else 0)
-    total_steps = max(1, round(cfg["epochs"] * steps_per_epoch))
-    low_res_size = cfg["low_res"]["size"]
-    low_res_steps = round(cfg["low_res"]["epochs"] * steps_per_epoch) if low_res_size else 0
-    if low_res_steps and low_res_size >= image_size:  # the model check is in stages/config.py
-        raise PipelineError(f"train.low_res.size: {low_res_size} must be smaller than the images "
-                            f"({image_size} px) to save time")
-    return Schedule(steps_per_epoch=steps_per_epoch, total_steps=total_steps,
-                    epochs=math.ceil(total_steps / steps_per_epoch),
-                    warmup_steps=round(cfg["warmup_epochs"] * steps_per_epoch), low_res_steps=low_res_steps,
-                    averaging_start=round(cfg["averaging_start"] * steps_per_epoch))
-
-
-@dataclass
 class Run:
-    """What every member of a training run shares: the train params (phase lengths in epochs), device, processes,
-    the data (the training split on the device) and the schedule; and what the run has produced so far (the
-    finished members' weights and which epoch each kept, the per-epoch history, the training seconds), which the
-    resume checkpoint holds."""
+    """What is fixed for a whole training run and shared by its members: the train params (phase lengths in
+    epochs), the fingerprint its resume checkpoint is bound to, the device and processes, the data (the training
+    split on the device) and the schedule."""
     cfg: dict[str, Any]
+    fingerprint: str
     device: torch.device
     rank: int
     world: int
@@ -181,22 +75,14 @@ class Run:
     schedule: Schedule
     inference: InferenceSettings
     sample_weights: torch.Tensor | None = None  # train.sampler: balanced: each training image's draw weight
-    fingerprint: str = ""
-    members: list[dict[str, torch.Tensor]] = field(default_factory=list)
-    selections: list[dict[str, Any]] = field(default_factory=list)  # Selection.record of each finished member
-    history: list[dict[str, Any]] = field(default_factory=list)
-    elapsed: float = 0.0
 
-    def say(self, message: str) -> None:
+    def log_main(self, message: str) -> None:
+        """Log once for all processes: on rank 0 only."""
         if self.rank == 0:
             log(message)
 
-    @property
-    def channels_last(self) -> bool:
-        return self.inference.channels_last
-
     def build(self) -> ImageClassifier:
-        return build_model(self.cfg["model"], model_config(self.cfg), len(self.meta["classes"]),
+        return build_model(self.cfg["model"], model_config_of(self.cfg), len(self.meta["classes"]),
                            self.meta["image_size"], self.meta["mean"], self.meta["std"])
 
 
@@ -244,11 +130,10 @@ def with_class_weights(cfg: dict[str, Any], labels: torch.Tensor, classes: list[
 
 
 def check_validation_split(cfg: dict[str, Any], val_labels: torch.Tensor, classes: list[str]) -> None:
-    """train.keep: best and train.patience need validation images to compare epochs on (the params check has
-    refused data.val_fraction: 0; a small folder can still round its share to none), and a macro-F1 needs two
-    classes among them to be more than one class's F1."""
-    users = [f"train.{key}: {cfg[key]}" for key, on in (("keep", cfg["keep"] == "best"),
-                                                        ("patience", cfg["patience"] > 0)) if on]
+    """Selection (selection_keys) needs validation images to compare epochs on (the params check has refused
+    data.val_fraction: 0; a small folder can still round its share to none), and a macro-F1 needs two classes
+    among them to be more than one class's F1."""
+    users = selection_keys(cfg)
     if not users:
         return
     if val_labels.numel() == 0:
@@ -277,8 +162,9 @@ def loss_function(cfg: dict[str, Any], device: torch.device) -> nn.Module:
     return nn.CrossEntropyLoss(weight=weight, label_smoothing=cfg["label_smoothing"])
 
 
-def load_run(cfg: dict[str, Any], device: torch.device, rank: int, world: int) -> Run:
-    """Read the prepared data and fit the batch size to it (cap_batch_size)."""
+def load_run(params: dict[str, Any], cfg: dict[str, Any], device: torch.device, rank: int, world: int) -> Run:
+    """Read the prepared data and fit the train params `cfg` to it (cap_batch_size); the fingerprint, of
+    `params` as written, is taken once the data files have passed their checks."""
     meta = read_json(META_JSON, "data summary")
     train_images, train_labels = load_split(TRAIN_SPLIT)
     val_images, val_labels = load_split(VAL_SPLIT)
@@ -294,60 +180,16 @@ def load_run(cfg: dict[str, Any], device: torch.device, rank: int, world: int) -
     if sample_weights is not None and cfg["class_weights"] == "balanced" and rank == 0:
         log("train.sampler: balanced and train.class_weights: balanced both make up for the class sizes, so "
             "together they over-weight the small classes; one of them is usually enough")
-    return Run(cfg, device, rank, world, meta, train_images.to(device), train_labels.to(device), val_images,
-               val_labels, schedule, inference_settings(cfg["model"], cfg, device), sample_weights)
-
-
-def pretrained_record(cfg: dict[str, Any]) -> dict[str, str] | None:
-    """What the checkpoint records about the starting weights (pretrained_weights gives the clear error for a
-    missing file, before the fingerprint reads it)."""
-    if cfg["pretrained"] == "none":
-        return None
-    return {"path": cfg["pretrained"], "sha256": file_digest(pretrained_weights(cfg["pretrained"]))}
-
-
-def fingerprint(params: dict[str, Any], world: int) -> str:
-    """Identifies a training run: the train params, the data files, the pretrained weights, the code training
-    runs (every stages module `python -m stages.train` imports), the torch version and the process count. A
-    resume checkpoint from any other run is ignored, so an edit to the code never resumes from weights of the old
-    code."""
-    digest = hashlib.sha256(json.dumps(params["train"], sort_keys=True).encode())
-    files = [TRAIN_SPLIT, VAL_SPLIT, META_JSON]
-    files += [PACKAGE_DIR.parent / path for path in code_closure("stages.train")]
-    if params["train"]["pretrained"] != "none":
-        files.append(Path(params["train"]["pretrained"]))
-    for path in files:
-        digest.update(file_digest(path).encode())
-    digest.update(f"{torch.__version__} world={world}".encode())
-    return digest.hexdigest()
-
-
-def resume_run(run: Run) -> dict[str, Any] | None:
-    """The resume checkpoint an interrupted attempt at this same run left, or None. Its finished members, history
-    and training seconds go into `run`; the member in progress resumes from it in `train_member`."""
-    if not RESUME_PATH.is_file():
-        return None
-    try:
-        state = load_torch(RESUME_PATH, "resume checkpoint")
-    except PipelineError as error:  # truncated, damaged or unreadable: it only saves time, so start afresh
-        run.say(f"ignoring {RESUME_PATH}: {str(error).removeprefix(f'{RESUME_PATH}: ')}; training from the start "
-                f"(the file is replaced after the first epoch)")
-        return None
-    if not isinstance(state, dict) or state.get("fingerprint") != run.fingerprint:
-        run.say(f"ignoring {RESUME_PATH}: it belongs to other params or data")
-        return None
-    missing = sorted(RESUME_FIELDS - set(state))
-    if missing:
-        run.say(f"ignoring {RESUME_PATH}: it lacks {', '.join(missing)}; training from the start")
-        return None
-    run.say(f"resuming after epoch {state['epoch']}"
-            + (f" of member {state['member'] + 1}" if run.cfg["ensemble"] > 1 else "") + f" from {RESUME_PATH}")
-    run.members, run.selections = list(state["members"]), list(state["selections"])
-    run.history, run.elapsed = list(state["history"]), state["elapsed"]
-    return state
+    return Run(cfg, fingerprint(params, world), device, rank, world, meta, train_images.to(device),
+               train_labels.to(device), val_images, val_labels, schedule, inference_settings(cfg["model"], cfg, device),
+               sample_weights)
 
 
 # ---------------------------------------------------------------- one ensemble member
+
+
+def cpu_copy(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in state.items()}
 
 
 @dataclass
@@ -356,30 +198,41 @@ class Member:
     index: int
     seed: int
     model: ImageClassifier
-    net: nn.Module  # the model, or its DistributedDataParallel wrapper
+    forward_module: nn.Module  # what a step calls: the model, or its DistributedDataParallel wrapper
     optimizers: list[torch.optim.Optimizer]
     scaler: torch.amp.GradScaler
     averaging: WeightAverage | None
     loss_fn: nn.Module
-    dtype: torch.dtype | None  # autocast
+    dtype: torch.dtype | None  # autocast's; None: full precision
     orientations: torch.Tensor | None  # train.augment.flip alternate: each image's orientation in even epochs
     cutout_fill: torch.Tensor
     start_epoch: int
     selection: Selection
+    pretrained: dict[str, str] | None  # what load_pretrained records about the starting weights
+
+    def averaged_state(self) -> dict[str, torch.Tensor] | None:
+        """The weights validated and saved in place of the model's own (WeightAverage.evaluation_state), if any."""
+        return self.averaging.evaluation_state() if self.averaging is not None else None
+
+    def resume_state(self) -> dict[str, Any]:
+        """This member's part of the resume checkpoint: weights, optimizer states, weight average, selection."""
+        return {"model": cpu_copy(self.model.state_dict()), "optimizers": [o.state_dict() for o in self.optimizers],
+                "average": self.averaging.state if self.averaging is not None else None,
+                "selection": self.selection.state()}
 
 
-def initial_model(run: Run) -> ImageClassifier:
+def initial_model(run: Run) -> tuple[ImageClassifier, dict[str, str] | None]:
     """The member's model before its first step, on the device: fresh weights (from the seed just set), or
-    pretrained ones, and airnet's whitening stem fitted to the training images."""
+    pretrained ones, and airnet's whitening stem fitted to the training images; and what the checkpoint records
+    about pretrained weights (None without)."""
     model = run.build()
-    if run.cfg["pretrained"] != "none":
-        load_pretrained(model, run.cfg["pretrained"])
+    pretrained = load_pretrained(model, run.cfg["pretrained"]) if run.cfg["pretrained"] != "none" else None
     if hasattr(model.net, "init_from_data"):
         model.net.init_from_data(model.normalize(run.train_images[:WHITENING_SAMPLE].cpu()))
     model.to(run.device)
-    if run.channels_last:
+    if run.inference.channels_last:
         model.to(memory_format=torch.channels_last)
-    return model
+    return model, pretrained
 
 
 def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:
@@ -387,7 +240,7 @@ def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:
     cfg, device = run.cfg, run.device
     seed = cfg["seed"] + index
     seed_everything(seed)
-    model = initial_model(run)
+    model, pretrained = initial_model(run)
     dtype = autocast_dtype(cfg["precision"], device)
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     optimizers = make_optimizers(model, cfg, device)
@@ -407,23 +260,23 @@ def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:
             averaging.state = {k: v.to(device) for k, v in resume["average"].items()}
         start_epoch = resume["epoch"]
     # airnet freezes its stem bias after a few epochs; DDP must then expect a parameter without a gradient.
-    net = (nn.parallel.DistributedDataParallel(model, find_unused_parameters=hasattr(model.net, "on_epoch_start"))
-           if run.world > 1 else model)
+    unused = hasattr(model.net, "on_epoch_start")
+    forward_module = DistributedDataParallel(model, find_unused_parameters=unused) if run.world > 1 else model
     loss_fn = loss_function(cfg, device)
     selection = Selection.start(cfg, resume["selection"] if resume is not None else None)
-    return Member(index, seed, model, net, optimizers, scaler, averaging, loss_fn, dtype, orientations,
-                  cutout_fill, start_epoch, selection)
+    return Member(index, seed, model, forward_module, optimizers, scaler, averaging, loss_fn, dtype, orientations,
+                  cutout_fill, start_epoch, selection, pretrained)
 
 
 def announce(run: Run, member: Member) -> None:
     cfg, schedule = run.cfg, run.schedule
-    run.say(f"training {cfg['model']} ({sum(p.numel() for p in member.model.parameters()):,} parameters) on "
-            f"{run.device}, {run.train_images.shape[0]} images, {schedule.epochs} epochs of "
-            f"{schedule.steps_per_epoch} steps, batch {cfg['batch_size']}, "
-            f"precision {member.dtype or torch.float32}".replace("torch.", "")
-            + (f", {run.world} processes" if run.world > 1 else "")
-            + (f"; ensemble member {member.index + 1} of {cfg['ensemble']} (seed {member.seed})"
-               if cfg["ensemble"] > 1 else ""))
+    run.log_main(f"training {cfg['model']} ({sum(p.numel() for p in member.model.parameters()):,} parameters) on "
+                 f"{run.device}, {run.train_images.shape[0]} images, {schedule.epochs} epochs of "
+                 f"{schedule.steps_per_epoch} steps, batch {cfg['batch_size']}, "
+                 f"precision {member.dtype or torch.float32}".replace("torch.", "")
+                 + (f", {run.world} processes" if run.world > 1 else "")
+                 + (f"; ensemble member {member.index + 1} of {cfg['ensemble']} (seed {member.seed})"
+                    if cfg["ensemble"] > 1 else ""))
 
 
 # ---------------------------------------------------------------- one epoch
@@ -457,7 +310,7 @@ def training_batch(run: Run, member: Member, order: torch.Tensor, epoch: int, st
     if run.schedule.global_step(epoch, step_in_epoch) < run.schedule.low_res_steps:
         size = cfg["low_res"]["size"]
         images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    if run.channels_last:
+    if run.inference.channels_last:
         images = images.contiguous(memory_format=torch.channels_last)
     return images, run.train_labels[indices]
 
@@ -471,7 +324,7 @@ def optimizer_step(run: Run, member: Member, images: torch.Tensor, labels: torch
     base_lr = cfg["lr"] * factor
     set_lr(member.optimizers, factor)
     with torch.autocast(run.device.type, dtype=member.dtype, enabled=member.dtype is not None):
-        logits = member.net(images)
+        logits = member.forward_module(images)
         loss = member.loss_fn(logits.float(), labels)
     if not torch.isfinite(loss):
         raise PipelineError(
@@ -503,7 +356,7 @@ def epoch_order(run: Run, generator: torch.Generator) -> torch.Tensor:
 
 def train_epoch(run: Run, member: Member, epoch: int) -> EpochStats:
     """One pass over a fresh seeded order of the training split (epoch_order; the last epoch may stop part-way)."""
-    member.net.train()
+    member.forward_module.train()
     if hasattr(member.model.net, "on_epoch_start"):
         member.model.net.on_epoch_start(epoch)
     generator = torch.Generator().manual_seed(member.seed * 1_000_003 + epoch)
@@ -516,8 +369,8 @@ def train_epoch(run: Run, member: Member, epoch: int) -> EpochStats:
         logits, loss, stats.lr = optimizer_step(run, member, images, labels, epoch, step_in_epoch)
         stats.add(loss, logits, labels)
         if stats.seen * run.world >= next_log:
-            run.say(f"[epoch {epoch + 1}, {int(stats.seen * run.world):>6d} images] loss: "
-                    f"{stats.loss_sum / stats.seen:.3f}")
+            run.log_main(f"[epoch {epoch + 1}, {int(stats.seen * run.world):>6d} images] loss: "
+                         f"{stats.loss_sum / stats.seen:.3f}")
             next_log += run.cfg["log_every"]
     if member.averaging is not None:
         member.averaging.end_of_epoch(member.model, run.schedule.global_step(epoch, steps - 1) + 1)
@@ -536,71 +389,52 @@ def validation_scores(model: nn.Module, run: Run) -> dict[str, float]:
 
 
 def validate(run: Run, member: Member) -> dict[str, float] | None:
-    """validation_scores of the weights that will be saved (the EMA average, if any); None without a validation
-    split and on ranks other than 0."""
-    eval_model = member.model
-    if member.averaging is not None and member.averaging.mode == "ema":
+    """validation_scores of the weights that will be saved (Member.averaged_state, if any); None without a
+    validation split and on ranks other than 0."""
+    eval_model, averaged = member.model, member.averaged_state()
+    if averaged is not None:
         eval_model = run.build().to(run.device)
-        eval_model.load_state_dict(member.averaging.state)
+        eval_model.load_state_dict(averaged)
     if run.val_images.shape[0] and run.rank == 0:
         return validation_scores(eval_model, run)
     return None
 
 
-def record_epoch(run: Run, member: Member, epoch: int, stats: EpochStats, val: dict[str, float] | None,
-                 train_seconds: float) -> None:
-    """The epoch's history row and its log line; a `*` marks a new best train.monitor when keep: best or
-    train.patience uses it."""
+def record_epoch(run: Run, progress: Progress, member: Member, epoch: int, stats: EpochStats,
+                 val: dict[str, float] | None, train_seconds: float) -> None:
+    """The epoch's history row and its log line; a `*` marks a new best train.monitor when selection uses it."""
     val = val or {"val_loss": None, "val_acc": None, "val_macro_f1": None}
     train_loss, train_acc = stats.loss_sum / stats.seen, stats.correct / stats.seen
-    run.history.append({"member": member.index + 1, "epoch": epoch + 1, "train_loss": train_loss,
-                        "train_acc": train_acc, **val, "lr": stats.lr})
+    progress.history.append({"member": member.index + 1, "epoch": epoch + 1, "train_loss": train_loss,
+                             "train_acc": train_acc, **val, "lr": stats.lr})
     val_text = ""
     if val["val_loss"] is not None:
         val_text = f"  val loss {val['val_loss']:.4f} acc {val['val_acc']:.4f} macro-F1 {val['val_macro_f1']:.4f}"
-    selecting = run.cfg["keep"] == "best" or run.cfg["patience"] > 0
-    marker = " *" if selecting and member.selection.best_epoch == epoch + 1 else ""
-    run.say(f"epoch {epoch + 1:>3d}/{run.schedule.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}"
-            f"{val_text}{marker}  lr {stats.lr:.3g}  {train_seconds:.1f}s  {stats.seen / train_seconds:,.0f} img/s")
-
-
-def plain_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    module = model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
-
-
-def save_resume(run: Run, member: Member, epochs_done: int) -> None:
-    """Everything needed to continue after this epoch: the finished members, this member's weights, optimizer
-    states and weight average, and the run's history and seconds so far."""
-    save_torch({"fingerprint": run.fingerprint, "member": member.index, "members": run.members,
-                "selections": run.selections, "epoch": epochs_done, "elapsed": run.elapsed, "history": run.history,
-                "model": plain_state_dict(member.model), "optimizers": [o.state_dict() for o in member.optimizers],
-                "average": member.averaging.state if member.averaging is not None else None,
-                "selection": member.selection.state()}, RESUME_PATH)
+    marker = " *" if selection_keys(run.cfg) and member.selection.best_epoch == epoch + 1 else ""
+    run.log_main(f"epoch {epoch + 1:>3d}/{run.schedule.epochs}  train loss {train_loss:.4f} acc {train_acc:.4f}"
+                 f"{val_text}{marker}  lr {stats.lr:.3g}  {train_seconds:.1f}s  "
+                 f"{stats.seen / train_seconds:,.0f} img/s")
 
 
 def final_weights(member: Member) -> dict[str, torch.Tensor]:
-    if member.averaging is not None and member.averaging.mode == "ema":
-        return {k: v.detach().cpu().clone() for k, v in member.averaging.state.items()}
-    return plain_state_dict(member.model)
+    averaged = member.averaged_state()
+    return cpu_copy(averaged if averaged is not None else member.model.state_dict())
 
 
 def agree_to_stop(run: Run, member: Member, epoch: int) -> None:
     """Under DistributedDataParallel only rank 0 validates: the others learn from it whether patience ended the
     member, so that every process leaves the epoch loop together."""
-    if run.world == 1 or run.cfg["patience"] == 0:
+    if run.cfg["patience"] == 0:
         return
-    flag = torch.tensor([int(member.selection.stopped)], device=run.device)
-    dist.broadcast(flag, src=0)
-    if flag.item() and not member.selection.stopped:
+    if broadcast_flag(member.selection.stopped, run.device, run.world) and not member.selection.stopped:
         member.selection.stopped_after = epoch + 1
 
 
-def train_member(run: Run, index: int, resume: dict[str, Any] | None) -> None:
+def train_member(run: Run, progress: Progress, index: int, resume: dict[str, Any] | None) -> dict[str, str] | None:
     """Train ensemble member `index` (0-based) from the start, or from `resume`, and add the weights it keeps
-    (train.keep) and why to the run. Appends its per-epoch rows to the run's history; after every epoch writes a
-    resume checkpoint holding the finished members and the best epoch so far, so an interrupted run picks up where
-    it stopped."""
+    (train.keep) and why to `progress`, with its per-epoch history rows; after every epoch writes a resume
+    checkpoint holding the finished members and the best epoch so far, so an interrupted run picks up where it
+    stopped. Returns what the checkpoint records about the pretrained weights the member started from."""
     member = setup_member(run, index, resume)
     announce(run, member)
     for epoch in range(member.start_epoch, run.schedule.epochs):
@@ -610,20 +444,20 @@ def train_member(run: Run, index: int, resume: dict[str, Any] | None) -> None:
         stats = train_epoch(run, member, epoch)
         train_seconds = time.perf_counter() - epoch_start
         val = validate(run, member)
-        run.elapsed += time.perf_counter() - epoch_start
+        progress.elapsed += time.perf_counter() - epoch_start
         member.selection.after_epoch(epoch + 1, val, lambda: final_weights(member))
         agree_to_stop(run, member, epoch)
-        record_epoch(run, member, epoch, stats, val, train_seconds)
+        record_epoch(run, progress, member, epoch, stats, val, train_seconds)
         if run.rank == 0:
-            save_resume(run, member, epoch + 1)
-            write_progress(run, member.selection)
-    last_epoch = max(row["epoch"] for row in run.history if row["member"] == index + 1)
-    record = member.selection.record(last_epoch, run.schedule.epochs)
+            save_resume(run.fingerprint, progress, member.index, epoch + 1, member.resume_state())
+            write_progress(progress, member.selection)
+    record = member.selection.record(progress.epochs_trained(index + 1), run.schedule.epochs)
     if run.cfg["keep"] == "best" or member.selection.stopped:
-        run.say(record["reason"])
+        run.log_main(record["reason"])
     kept = member.selection.best_weights if run.cfg["keep"] == "best" else None
-    run.members.append(kept if kept is not None else final_weights(member))
-    run.selections.append(record)
+    progress.members.append(kept if kept is not None else final_weights(member))
+    progress.selections.append(record)
+    return member.pretrained
 
 
 # ---------------------------------------------------------------- outputs
@@ -636,17 +470,17 @@ def write_history(rows: list[dict[str, Any]]) -> None:
     write_text(HISTORY_CSV, "\n".join(lines) + "\n")
 
 
+def train_json_section(section: str, scores: dict[str, Any]) -> dict[str, float]:
+    """train.json's `section` (train or val) from a history row or validation_scores, to 6 decimals."""
+    return {name: round(scores[score], 6) for name, score in TRAIN_JSON_NUMBERS[section].items()}
+
+
 def epoch_metrics(row: dict[str, Any]) -> dict[str, Any]:
     """train.json's train and val sections from one history row."""
-    metrics: dict[str, Any] = {"train": {"loss": round(row["train_loss"], 6), "acc": round(row["train_acc"], 6)}}
+    metrics: dict[str, Any] = {"train": train_json_section("train", row)}
     if row["val_loss"] is not None:
-        metrics["val"] = {"loss": round(row["val_loss"], 6), "acc": round(row["val_acc"], 6),
-                          "macro_f1": round(row["val_macro_f1"], 6)}
+        metrics["val"] = train_json_section("val", row)
     return metrics
-
-
-def history_row(run: Run, member: int, epoch: int) -> dict[str, Any]:
-    return next(row for row in run.history if row["member"] == member and row["epoch"] == epoch)
 
 
 def kept_epochs(records: list[dict[str, Any]]) -> int | dict[str, int]:
@@ -656,56 +490,54 @@ def kept_epochs(records: list[dict[str, Any]]) -> int | dict[str, int]:
     return {f"member_{index}": record["kept_epoch"] for index, record in enumerate(records, 1)}
 
 
-def write_progress(run: Run, selection: Selection) -> None:
+def write_progress(progress: Progress, selection: Selection) -> None:
     """metrics/history.csv and metrics/train.json as they stand after this epoch (after the resume checkpoint,
     so they never run ahead of what a resumed run continues from), for `dvc exp show` and `dvc plots` during a
     run. train.json has the final file's layout with the numbers of the member in training at the epoch it would
     keep now (the latest with keep: last, the best so far with keep: best); write_outputs replaces both with the
     finished run's."""
-    member, last_epoch = run.history[-1]["member"], run.history[-1]["epoch"]
+    member, last_epoch = progress.history[-1]["member"], progress.history[-1]["epoch"]
     kept = selection.kept_epoch(last_epoch)
-    metrics = epoch_metrics(history_row(run, member, kept))
-    metrics["epochs"] = max(row["epoch"] for row in run.history)
-    metrics["kept_epoch"] = kept_epochs([*run.selections, {"kept_epoch": kept}])
+    metrics = epoch_metrics(progress.row(member, kept))
+    metrics["epochs"] = progress.epochs_trained()
+    metrics["kept_epoch"] = kept_epochs([*progress.selections, {"kept_epoch": kept}])
     write_json(TRAIN_METRICS, metrics)
-    write_history(run.history)
+    write_history(progress.history)
 
 
-def train_metrics(run: Run, checkpoint: dict[str, Any]) -> dict[str, Any]:
+def train_metrics(run: Run, progress: Progress, checkpoint: dict[str, Any]) -> dict[str, Any]:
     """The kept epoch's numbers (of the last member, for an ensemble, whose validation numbers are the
     ensemble's own score, as evaluate will see it without TTA)."""
-    last = run.selections[-1]
-    metrics = epoch_metrics(history_row(run, len(run.selections), last["kept_epoch"]))
-    if run.val_images.shape[0] and len(run.members) > 1:
-        scores = validation_scores(model_from_checkpoint(checkpoint), run)
-        metrics["val"] = {"loss": round(scores["val_loss"], 6), "acc": round(scores["val_acc"], 6),
-                          "macro_f1": round(scores["val_macro_f1"], 6)}
+    last = progress.selections[-1]
+    metrics = epoch_metrics(progress.row(len(progress.selections), last["kept_epoch"]))
+    if run.val_images.shape[0] and len(progress.members) > 1:
+        metrics["val"] = train_json_section("val", validation_scores(model_from_checkpoint(checkpoint), run))
     metrics["epochs"] = checkpoint["epochs_completed"]
-    metrics["kept_epoch"] = kept_epochs(run.selections)
+    metrics["kept_epoch"] = kept_epochs(progress.selections)
     return metrics
 
 
-def write_outputs(run: Run, pretrained: dict[str, str] | None) -> None:
+def write_outputs(run: Run, progress: Progress, pretrained: dict[str, str] | None) -> None:
     """The checkpoint, the metrics, the history and the timing; after them the resume checkpoint has served."""
     cfg, meta = run.cfg, run.meta
     # through JSON: fresh objects, so that pickle's sharing of equal keys is the same whether the finished members'
     # records come from memory or from a resume checkpoint (the same run saves the same bytes)
     selection = json.loads(json.dumps({"keep": cfg["keep"], "monitor": cfg["monitor"], "patience": cfg["patience"],
-                                       "members": run.selections}))
-    checkpoint = make_checkpoint(model=cfg["model"], model_config=model_config(cfg), classes=meta["classes"],
+                                       "members": progress.selections}))
+    checkpoint = make_checkpoint(model=cfg["model"], model_config=model_config_of(cfg), classes=meta["classes"],
                                  image_size=meta["image_size"], mean=meta["mean"], std=meta["std"],
-                                 state_dicts=run.members, train=cfg, pretrained=pretrained,
-                                 epochs_completed=max(row["epoch"] for row in run.history), selection=selection)
+                                 state_dicts=progress.members, train=cfg, pretrained=pretrained,
+                                 epochs_completed=progress.epochs_trained(), selection=selection)
     save_torch(checkpoint, MODEL_PATH)
-    write_json(TRAIN_METRICS, train_metrics(run, checkpoint))
-    write_history(run.history)
+    write_json(TRAIN_METRICS, train_metrics(run, progress, checkpoint))
+    write_history(progress.history)
     # early stopping trains fewer epochs than train.epochs (which may end in a fraction of one)
-    epochs_trained = sum(min(record["epochs_trained"], cfg["epochs"]) for record in run.selections)
+    epochs_trained = sum(min(record["epochs_trained"], cfg["epochs"]) for record in progress.selections)
     n_images = run.train_images.shape[0] * epochs_trained
-    write_json(TRAIN_TIME, {"train_time": {"seconds": round(run.elapsed, 2),
-                                           "images_per_second": round(n_images / run.elapsed, 1)}})
+    write_json(TRAIN_TIME, {"train_time": {"seconds": round(progress.elapsed, 2),
+                                           "images_per_second": round(n_images / progress.elapsed, 1)}})
     shutil.rmtree(RESUME_PATH.parent, ignore_errors=True)
-    run.say(f"saved {MODEL_PATH} ({run.elapsed:.1f}s of training)")
+    run.log_main(f"saved {MODEL_PATH} ({progress.elapsed:.1f}s of training)")
 
 
 # ---------------------------------------------------------------- main
@@ -714,20 +546,17 @@ def write_outputs(run: Run, pretrained: dict[str, str] | None) -> None:
 def train(params: dict[str, Any]) -> None:
     cfg = resolve_phases(params["train"])  # "30%" phase lengths become epochs, here and in the checkpoint
     device, rank, world = setup_device(cfg)
-    run = load_run(cfg, device, rank, world)
-    pretrained = pretrained_record(cfg)
-    run.fingerprint = fingerprint(params, world)
-    resume = resume_run(run)
-    if resume is not None and rank == 0 and run.history:  # DVC deleted the outputs before the rerun: show them now
-        write_progress(run, Selection.start(cfg, resume["selection"]))
-    for index in range(len(run.members), cfg["ensemble"]):
+    run = load_run(params, cfg, device, rank, world)
+    progress, resume = resume_run(run.fingerprint, cfg["ensemble"], run.log_main)
+    if resume is not None and rank == 0 and progress.history:  # DVC deleted the outputs before the rerun: show them
+        write_progress(progress, Selection.start(cfg, resume["selection"]))
+    pretrained = None  # set by the first member trained (a resume checkpoint is of a member still in training)
+    for index in range(len(progress.members), cfg["ensemble"]):
         in_progress = resume if resume is not None and resume["member"] == index else None
-        train_member(run, index, in_progress)
+        pretrained = train_member(run, progress, index, in_progress)
     if rank == 0:
-        write_outputs(run, pretrained)
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
+        write_outputs(run, progress, pretrained)
+    finish_distributed(world)
 
 
 def main() -> None:

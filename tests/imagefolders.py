@@ -17,9 +17,12 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from stages import download
+from stages.base import paths
+from stages.base.config import set_dotted
+from stages.dataset import cifar
+
 from repo_root import REPO_ROOT
-from stages import download, paths
-from stages.config import set_dotted
 
 PALETTE = [(230, 40, 40), (40, 200, 60), (50, 70, 220), (240, 220, 40), (200, 60, 200), (40, 210, 210)]
 
@@ -187,8 +190,7 @@ def make_cifar_tarball(path: Path, n_train: int = 50, n_test: int = 20, seed: in
     test_images, test_labels = download.synthetic_images(n_test, seed, "test")
     staging = path.parent / f".{path.name}.batches"
     folder = paths.CIFAR10_DIR.name  # the top folder of the official tarball
-    download.write_cifar_batches(staging / folder, train_images, train_labels, test_images,
-                                 test_labels)
+    cifar.write_cifar_batches(staging / folder, train_images, train_labels, test_images, test_labels)
     with tarfile.open(path, "w:gz") as handle:
         handle.add(staging / folder, folder)
         for name, data in (extra or {}).items():

@@ -26,8 +26,9 @@ from typing import Any
 import pytest
 import yaml
 
+from stages.base.config import set_dotted
+
 from repo_root import REPO_ROOT
-from stages.config import set_dotted
 
 BIN_DIR = Path(sys.executable).parent  # not resolved: a venv's python is a link out of the venv
 STAGES = ("download", "normalize", "train", "export", "evaluate", "report")

@@ -8,9 +8,11 @@ from typing import Any
 import torch
 import yaml
 
+from stages.base.config import set_dotted
+from stages.base.runtime import write_json
+from stages.model.tensors import save_torch
+
 from repo_root import REPO_ROOT
-from stages.common import save_torch, write_json
-from stages.config import set_dotted
 
 
 def make_split(n: int, classes: int, size: int, seed: int) -> dict[str, torch.Tensor]:
@@ -58,7 +60,7 @@ def train_tiny(root: Path, epochs: int = 3) -> None:
     directory, which is restored afterwards."""
     import os
 
-    from stages.config import load_params
+    from stages.base.config import load_params
     from stages.train import train
 
     previous = Path.cwd()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from stages.augment import (alternating_flips, apply_flips, augment_batch, flip_mask, random_translate, shift,
-                            tta_views)
+from stages.dataset.augment import (alternating_flips, apply_flips, augment_batch, flip_mask, random_translate, shift,
+                                    tta_views)
 
 
 def images(n: int = 64, size: int = 8) -> torch.Tensor:

@@ -8,8 +8,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from stages.base.config import load_params, set_dotted, validate
+from stages.base.runtime import ParamsError
+
 from repo_root import REPO_ROOT
-from stages.config import ParamsError, load_params, set_dotted, validate
 
 REPO_PARAMS = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
 
@@ -107,7 +109,7 @@ def test_bad_phase_lengths_are_named(dotted: str, value: object) -> None:
 
 
 def test_phase_percentages_resolve_against_train_epochs() -> None:
-    from stages.config import phase_epochs, resolve_phases
+    from stages.base.config import phase_epochs, resolve_phases
     assert phase_epochs("30%", 9) == 2.7  # exactly the float an epoch count of 2.7 is
     assert phase_epochs("100%", 22) == 22 and phase_epochs("12.5%", 8) == 1 and phase_epochs("0%", 5) == 0
     assert phase_epochs(6, 22) == 6 and type(phase_epochs(6, 22)) is int  # numbers stay as written
@@ -186,9 +188,10 @@ def test_relations_that_would_crash_later_are_named(changes: dict, message: str)
 
 def test_the_boundaries_of_the_relations_train(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The largest seeds, the smallest low-res size, the largest shift and cutout are accepted and train."""
-    from prepared_data import tiny_params, write_prepared
-    from stages.config import SEED_MAX
+    from stages.base.config import SEED_MAX
     from stages.train import train
+
+    from prepared_data import tiny_params, write_prepared
 
     monkeypatch.chdir(tmp_path)
     write_prepared(tmp_path, n_train=64, n_val=16, n_test=16, size=12)
@@ -229,12 +232,12 @@ def test_the_train_stage_stops_with_one_line(tmp_path: Path, dotted: str, value:
 
 
 def test_translate_bound_is_where_the_reflected_shift_stops_being_exact() -> None:
-    """stages.augment.shift equals numpy's reflect padding for every shift below the image size (the most
+    """stages.dataset.augment.shift equals numpy's reflect padding for every shift below the image size (the most
     data.image_size - 1 allows for train.augment.translate), and not at the image size."""
     import numpy as np
     import torch
 
-    from stages.augment import shift
+    from stages.dataset.augment import shift
 
     size = 8
     row = np.arange(size)

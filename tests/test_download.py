@@ -27,12 +27,14 @@ import pytest
 import torch
 from PIL import Image
 
+from stages import download
+from stages.base.runtime import PipelineError, run_stage
+from stages.dataset import archives, cifar, fetch
+from stages.dataset import ingest as ingest_module
+
 from fileserver import FileServer
 from imagefolders import (add_tar_member, image_bytes, make_cifar_tarball, make_image_folder, solid_image, tar_of,
                           write_params, zip_declaring_size, zip_folder, zip_of)
-from stages import download, fetch, normalize
-from stages import ingest as ingest_module
-from stages.common import PipelineError, run_stage
 
 CIFAR_FILES = ("batches.meta", "data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5",
                "test_batch")
@@ -64,9 +66,9 @@ def tarball(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> bytes:
     return path.read_bytes()
 
 
-def data_params(**overrides: Any) -> dict[str, Any]:
-    params = write_params(Path.cwd(), **overrides)
-    return params["data"]
+def stage_params(**overrides: Any) -> dict[str, Any]:
+    """The repository's params with keys of its data section overridden (also written to params.yaml)."""
+    return write_params(Path.cwd(), **overrides)
 
 
 def served_cifar(server: FileServer, tarball: bytes) -> str:
@@ -77,7 +79,7 @@ def served_cifar(server: FileServer, tarball: bytes) -> str:
 def assert_cifar_raw(n_train: int = 60, n_test: int = 20) -> None:
     folder = Path("data/raw/cifar-10-batches-py")
     assert sorted(p.name for p in folder.iterdir()) == sorted(CIFAR_FILES)
-    classes, train, test = normalize.load_cifar(folder, 32)
+    classes, train, test = cifar.load_cifar(folder)
     assert len(classes) == 10 and train[0].shape == (n_train, 3, 32, 32) and test[0].shape == (n_test, 3, 32, 32)
 
 
@@ -91,7 +93,7 @@ def leftovers() -> list[str]:
 
 def test_cifar10_download_verifies_extracts_and_reuses(workdir: Path, server: FileServer, tarball: bytes) -> None:
     url = served_cifar(server, tarball)
-    info = download.download(data_params(source="cifar10", url=url))
+    info = download.download(stage_params(source="cifar10", url=url))
     assert_cifar_raw()
     source = json.loads(Path("data/raw/source.json").read_text())
     assert source == info and source["kind"] == "cifar10" and source["md5"] == download.CIFAR10_MD5
@@ -101,7 +103,7 @@ def test_cifar10_download_verifies_extracts_and_reuses(workdir: Path, server: Fi
     assert leftovers() == []
     # A second run uses the verified archive: no request at all.
     requests_before = len(server.requests)
-    download.download(data_params(source="cifar10", url=url))
+    download.download(stage_params(source="cifar10", url=url))
     assert len(server.requests) == requests_before
     assert_cifar_raw()
 
@@ -110,7 +112,7 @@ def test_wrong_md5_is_a_clear_error_and_leaves_nothing(workdir: Path, server: Fi
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(download, "CIFAR10_MD5", "0" * 32)
     with pytest.raises(PipelineError, match=r"MD5 [0-9a-f]{32} does not match the expected 0{32}"):
-        download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
+        download.download(stage_params(source="cifar10", url=served_cifar(server, tarball)))
     assert not Path("data/raw").exists()
     assert not any(Path("data/.download").iterdir())  # the bad download is deleted, not resumed later
     assert leftovers() == []
@@ -119,7 +121,7 @@ def test_wrong_md5_is_a_clear_error_and_leaves_nothing(workdir: Path, server: Fi
 def test_transfer_cut_midway_resumes_with_range(workdir: Path, server: FileServer, tarball: bytes,
                                                 sleeps: list[float]) -> None:
     server.cut_once = True
-    download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
+    download.download(stage_params(source="cifar10", url=served_cifar(server, tarball)))
     assert_cifar_raw()
     assert [r["range"] for r in server.requests] == [None, f"bytes={len(tarball) // 2}-"]
     assert server.requests[1]["if_range"] == server.last_modified  # a changed file would not be spliced
@@ -130,7 +132,7 @@ def test_partial_file_from_an_earlier_run_is_resumed(workdir: Path, server: File
     part = Path("data/.download/cifar-10-python.tar.gz.part")
     part.parent.mkdir(parents=True)
     part.write_bytes(tarball[:1000])
-    download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
+    download.download(stage_params(source="cifar10", url=served_cifar(server, tarball)))
     assert [r["range"] for r in server.requests] == ["bytes=1000-"]
     assert_cifar_raw()
 
@@ -140,7 +142,7 @@ def test_complete_partial_file_is_still_verified(workdir: Path, server: FileServ
     part = Path("data/.download/cifar-10-python.tar.gz.part")
     part.parent.mkdir(parents=True)
     part.write_bytes(tarball)
-    download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
+    download.download(stage_params(source="cifar10", url=served_cifar(server, tarball)))
     assert [r["range"] for r in server.requests] == [f"bytes={len(tarball)}-"]
     assert_cifar_raw()
 
@@ -150,7 +152,7 @@ def test_server_ignoring_range_restarts_from_zero(workdir: Path, server: FileSer
     part.parent.mkdir(parents=True)
     part.write_bytes(b"garbage that must not end up in the archive")
     server.ignore_range = True
-    download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
+    download.download(stage_params(source="cifar10", url=served_cifar(server, tarball)))
     assert_cifar_raw()
     assert Path("data/.download/cifar-10-python.tar.gz").read_bytes() == tarball
 
@@ -160,14 +162,14 @@ def test_changed_file_on_server_is_downloaded_afresh(workdir: Path, server: File
     part.parent.mkdir(parents=True)
     part.write_bytes(b"old version of the file")
     Path("data/.download/cifar-10-python.tar.gz.validator").write_text("Sun, 01 Jan 2023 00:00:00 GMT")
-    download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
+    download.download(stage_params(source="cifar10", url=served_cifar(server, tarball)))
     assert server.requests[0]["if_range"] == "Sun, 01 Jan 2023 00:00:00 GMT"  # server answered 200: restart
     assert_cifar_raw()
 
 
 def test_http_503_is_retried(workdir: Path, server: FileServer, tarball: bytes, sleeps: list[float]) -> None:
     server.fail_once = 503
-    download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
+    download.download(stage_params(source="cifar10", url=served_cifar(server, tarball)))
     assert_cifar_raw()
     assert len(server.requests) == 2 and sleeps == [fetch.BACKOFF_S]
 
@@ -176,14 +178,14 @@ def test_persistent_server_error_gives_up_with_backoff(workdir: Path, server: Fi
                                                        sleeps: list[float]) -> None:
     server.fail_always = 502
     with pytest.raises(PipelineError, match=rf"failed after {fetch.RETRIES + 1} attempts \(HTTP 502"):
-        download.download(data_params(source="cifar10", url=served_cifar(server, tarball)))
+        download.download(stage_params(source="cifar10", url=served_cifar(server, tarball)))
     assert sleeps == [fetch.BACKOFF_S * 2 ** i for i in range(fetch.RETRIES)]
     assert not Path("data/raw").exists()
 
 
 def test_http_404_is_not_retried(workdir: Path, server: FileServer, sleeps: list[float]) -> None:
     with pytest.raises(PipelineError, match=r"missing\.tar\.gz: HTTP 404"):
-        download.download(data_params(source="cifar10", url=server.url("/missing.tar.gz")))
+        download.download(stage_params(source="cifar10", url=server.url("/missing.tar.gz")))
     assert len(server.requests) == 1 and sleeps == []
 
 
@@ -192,7 +194,7 @@ def test_offline_connection_refused_says_how_to_run_offline(workdir: Path, sleep
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(PipelineError) as caught:
-        download.download(data_params(source="cifar10", url=f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"))
+        download.download(stage_params(source="cifar10", url=f"http://127.0.0.1:{port}/cifar-10-python.tar.gz"))
     message = str(caught.value)
     assert "unreachable (connection refused)" in message
     assert "dvc exp run -S data.source=synthetic" in message
@@ -207,22 +209,22 @@ def test_offline_dns_failure_says_how_to_run_offline(workdir: Path, monkeypatch:
     monkeypatch.setattr(fetch._OPENER, "open", no_dns)
     with pytest.raises(PipelineError, match=r"www\.cs\.toronto\.edu is unreachable \(cannot resolve the host name"
                                             r".*data\.source=synthetic"):
-        download.download(data_params(source="cifar10"))
+        download.download(stage_params(source="cifar10"))
 
 
 def test_file_url_is_used_in_place(workdir: Path, tmp_path: Path, tarball: bytes) -> None:
-    download.download(data_params(source="cifar10", url=(tmp_path / "cifar-10-python.tar.gz").as_uri()))
+    download.download(stage_params(source="cifar10", url=(tmp_path / "cifar-10-python.tar.gz").as_uri()))
     assert_cifar_raw()
     assert not Path("data/.download").exists()
 
 
 def test_failed_run_keeps_the_previous_raw_data(workdir: Path, tmp_path: Path, tarball: bytes,
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    download.download(data_params(source="synthetic", **{"synthetic.train_size": 40, "synthetic.test_size": 10}))
+    download.download(stage_params(source="synthetic", **{"synthetic.train_size": 40, "synthetic.test_size": 10}))
     before = Path("data/raw/source.json").read_bytes()
     monkeypatch.setattr(download, "CIFAR10_MD5", "f" * 32)
     with pytest.raises(PipelineError, match="does not match"):
-        download.download(data_params(source="cifar10", url=(tmp_path / "cifar-10-python.tar.gz").as_uri()))
+        download.download(stage_params(source="cifar10", url=(tmp_path / "cifar-10-python.tar.gz").as_uri()))
     assert Path("data/raw/source.json").read_bytes() == before
     assert leftovers() == []
 
@@ -247,7 +249,7 @@ def test_unsafe_tar_members_are_refused(workdir: Path, tmp_path: Path, monkeypat
     add_tar_member(archive, member, kind=kind, linkname=linkname)
     monkeypatch.setattr(download, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     with pytest.raises(PipelineError, match=re.escape(f"member {member!r} {complaint}")):
-        download.download(data_params(source="cifar10", url=archive.as_uri()))
+        download.download(stage_params(source="cifar10", url=archive.as_uri()))
     assert not Path("data/raw").exists() and leftovers() == []
     assert not any(p.name == "evil.txt" for p in tmp_path.rglob("*"))
 
@@ -257,7 +259,7 @@ def test_links_inside_the_archive_are_skipped(workdir: Path, tmp_path: Path, mon
     make_cifar_tarball(archive, n_train=10, n_test=10)
     add_tar_member(archive, "cifar-10-batches-py/alias", kind=tarfile.SYMTYPE, linkname="data_batch_1")
     monkeypatch.setattr(download, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
-    download.download(data_params(source="cifar10", url=archive.as_uri()))
+    download.download(stage_params(source="cifar10", url=archive.as_uri()))
     assert not Path("data/raw/cifar-10-batches-py/alias").exists()
     assert_cifar_raw(10, 10)
 
@@ -270,7 +272,7 @@ def test_archive_without_cifar_batches_is_a_clear_error(workdir: Path, tmp_path:
     add_tar_member(archive, "readme.txt")
     monkeypatch.setattr(download, "CIFAR10_MD5", hashlib.md5(archive.read_bytes()).hexdigest())
     with pytest.raises(PipelineError, match="not the CIFAR-10 python archive: cifar-10-batches-py/batches.meta"):
-        download.download(data_params(source="cifar10", url=archive.as_uri()))
+        download.download(stage_params(source="cifar10", url=archive.as_uri()))
 
 
 # ---------------------------------------------------------------- synthetic
@@ -283,23 +285,23 @@ def raw_files() -> dict[str, bytes]:
 
 def test_synthetic_is_deterministic_and_seeded(workdir: Path) -> None:
     sizes = {"synthetic.train_size": 100, "synthetic.test_size": 30}
-    download.download(data_params(source="synthetic", seed=3, **sizes))
+    download.download(stage_params(source="synthetic", seed=3, **sizes))
     first = raw_files()
-    download.download(data_params(source="synthetic", seed=3, **sizes))
+    download.download(stage_params(source="synthetic", seed=3, **sizes))
     assert raw_files() == first
-    download.download(data_params(source="synthetic", seed=4, **sizes))
+    download.download(stage_params(source="synthetic", seed=4, **sizes))
     assert raw_files()["cifar-10-batches-py/data_batch_1"] != first["cifar-10-batches-py/data_batch_1"]
     # The test set has its own generator: a bigger test set leaves the training images as they were.
-    download.download(data_params(source="synthetic", seed=3, **{**sizes, "synthetic.test_size": 50}))
+    download.download(stage_params(source="synthetic", seed=3, **{**sizes, "synthetic.test_size": 50}))
     assert raw_files()["cifar-10-batches-py/data_batch_1"] == first["cifar-10-batches-py/data_batch_1"]
 
 
 def test_synthetic_has_the_cifar10_python_format(workdir: Path) -> None:
-    download.download(data_params(source="synthetic", **{"synthetic.train_size": 103, "synthetic.test_size": 40}))
+    download.download(stage_params(source="synthetic", **{"synthetic.train_size": 103, "synthetic.test_size": 40}))
     folder = Path("data/raw/cifar-10-batches-py")
     with open(folder / "batches.meta", "rb") as handle:
         meta = pickle.load(handle, encoding="bytes")  # the way the official files are read
-    assert meta == {b"num_cases_per_batch": 21, b"label_names": [n.encode() for n in download.CIFAR10_CLASSES],
+    assert meta == {b"num_cases_per_batch": 21, b"label_names": [n.encode() for n in cifar.CIFAR10_CLASSES],
                     b"num_vis": 3072}
     sizes, labels = [], []
     for name in CIFAR_FILES[1:]:
@@ -349,17 +351,17 @@ def test_image_archive_url_with_sha256(workdir: Path, server: FileServer, image_
     server.files["/pictures.zip"] = image_zip
     digest = hashlib.sha256(image_zip).hexdigest()
     server.cut_once = True
-    info = download.download(data_params(source=server.url("/pictures.zip"), sha256=digest))
+    info = download.download(stage_params(source=server.url("/pictures.zip"), sha256=digest))
     assert info["sha256"] == digest and info["images"] == {"train": 6, "test": 2} and info["classes"] == ["cat", "dog"]
     assert [r["range"] for r in server.requests][1].startswith("bytes=")
     requests = len(server.requests)
-    download.download(data_params(source=server.url("/pictures.zip"), sha256=digest))
+    download.download(stage_params(source=server.url("/pictures.zip"), sha256=digest))
     assert len(server.requests) == requests  # pinned by sha256: the verified copy is reused
 
 
 def test_image_archive_url_without_sha256_is_not_kept(workdir: Path, server: FileServer, image_zip: bytes) -> None:
     server.files["/dl"] = image_zip  # no extension: the type is read from the content
-    info = download.download(data_params(source=server.url("/dl")))
+    info = download.download(stage_params(source=server.url("/dl")))
     assert info["images"] == {"train": 6, "test": 2} and info["url"] == server.url("/dl")
     assert not any(Path("data/.download").iterdir())
 
@@ -367,7 +369,7 @@ def test_image_archive_url_without_sha256_is_not_kept(workdir: Path, server: Fil
 def test_image_archive_url_with_wrong_sha256(workdir: Path, server: FileServer, image_zip: bytes) -> None:
     server.files["/pictures.zip"] = image_zip
     with pytest.raises(PipelineError, match=r"SHA256 [0-9a-f]{64} does not match the expected a{64}"):
-        download.download(data_params(source=server.url("/pictures.zip"), sha256="a" * 64))
+        download.download(stage_params(source=server.url("/pictures.zip"), sha256="a" * 64))
     assert not Path("data/raw").exists()
 
 
@@ -376,7 +378,7 @@ def test_image_archive_url_offline(workdir: Path) -> None:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     with pytest.raises(PipelineError, match=r"unreachable.*copy the archive into data/sources/.*synthetic"):
-        download.download(data_params(source=f"http://127.0.0.1:{port}/pictures.zip"))
+        download.download(stage_params(source=f"http://127.0.0.1:{port}/pictures.zip"))
 
 
 # ---------------------------------------------------------------- hostile and unusual image sources
@@ -416,7 +418,7 @@ def stage_warnings(err: str) -> list[str]:
 @pytest.fixture
 def previous_raw(workdir: Path) -> dict[str, bytes]:
     """data/raw from an earlier good run, which a refused source must leave exactly as it was."""
-    download.download(data_params(source="synthetic", **{"synthetic.train_size": 40, "synthetic.test_size": 10}))
+    download.download(stage_params(source="synthetic", **{"synthetic.train_size": 40, "synthetic.test_size": 10}))
     return raw_files()
 
 
@@ -591,9 +593,9 @@ def test_special_files_in_a_folder_are_skipped_and_listed(workdir: Path, tmp_pat
 def test_a_file_swapped_for_a_fifo_after_listing_is_not_read(tmp_path: Path, no_hang: None) -> None:
     os.mkfifo(tmp_path / "pipe.png")
     with pytest.raises(PipelineError, match=r"pipe\.png: no longer a regular file; rerun the download stage"):
-        ingest_module._read_file(tmp_path / "pipe.png", 1 << 20)
+        archives._read_file(tmp_path / "pipe.png", 1 << 20)
     with pytest.raises(PipelineError, match=r"^/dev/zero: no longer a regular file"):
-        ingest_module._read_file(Path("/dev/zero"), 1 << 20)
+        archives._read_file(Path("/dev/zero"), 1 << 20)
 
 
 def test_a_linked_class_folder_is_a_class(workdir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,12 +12,15 @@ import pytest
 import torch
 from sklearn import metrics as sklearn_metrics  # a test dependency only (pyproject's `test` extra)
 
-from prepared_data import tiny_params, train_tiny, write_prepared
-from stages.common import PipelineError, load_checkpoint, load_split, save_torch
-from stages.config import ParamsError, load_params
+from stages.base.config import load_params
+from stages.base.runtime import ParamsError, PipelineError
 from stages.evaluate import evaluate, expected_calibration_error, summary_metrics
-from stages.models import infer, model_from_checkpoint
-from stages.scores import class_scores, confusion_counts, macro_f1
+from stages.model.checkpoint import load_checkpoint
+from stages.model.nets import infer, model_from_checkpoint
+from stages.model.scores import class_scores, confusion_counts, macro_f1
+from stages.model.tensors import load_split, save_torch
+
+from prepared_data import tiny_params, train_tiny, write_prepared
 
 
 @pytest.fixture(scope="module")
@@ -111,9 +114,10 @@ def test_a_bad_checkpoint_stops_the_stage_with_one_line(tmp_path: Path, field: s
     import subprocess
     import sys
 
+    from stages.model.checkpoint import make_checkpoint
+    from stages.model.nets import build_model
+
     from repo_root import REPO_ROOT
-    from stages.common import make_checkpoint
-    from stages.models import build_model
 
     write_prepared(tmp_path)
     tiny_params(tmp_path)
@@ -270,8 +274,8 @@ def test_written_metrics_of_an_untrained_model_match_scikit_learn(tmp_path: Path
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """A model with random weights makes many mistakes (unlike the trained fixture), so every written number
     is checked where it is not trivially 1; top-2 accuracy against the model's own logits."""
-    from stages.common import make_checkpoint
-    from stages.models import build_model
+    from stages.model.checkpoint import make_checkpoint
+    from stages.model.nets import build_model
 
     monkeypatch.chdir(tmp_path)
     write_prepared(tmp_path)

@@ -136,7 +136,8 @@ def documented_exp_runs() -> list[tuple[str, list[tuple[str, str]]]]:
 
 def test_documented_experiment_commands_use_valid_params() -> None:
     """The README's sweep, offline and own-data commands must keep matching params.yaml's keys and schema."""
-    from stages.config import ParamsError, set_dotted, validate
+    from stages.base.config import set_dotted, validate
+    from stages.base.runtime import ParamsError
 
     commands = documented_exp_runs()
     assert len(commands) >= 4, commands  # offline (README, Makefile), own images, sweep, CI profile

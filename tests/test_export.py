@@ -1,8 +1,8 @@
 """The export stage: models/model.onnx and models/model.safetensors from the checkpoint, checked against torch
 before they are written, with the same bytes on every run; an ensemble as one graph; one clear error for a model
-the exporter cannot handle, an export that disagrees with torch and a mismatched safetensors file; stages.deploy's
-torch-free decoding against stages.images; predict on the .onnx against the .pth; and the model registry round
-trip (GTO tags, a local DVC remote, `dvc artifacts get`)."""
+the exporter cannot handle, an export that disagrees with torch and a mismatched safetensors file;
+stages.model.deploy's torch-free decoding against stages.dataset.images; predict on the .onnx against the .pth;
+and the model registry round trip (GTO tags, a local DVC remote, `dvc artifacts get`)."""
 
 from __future__ import annotations
 
@@ -17,14 +17,19 @@ import pytest
 import torch
 from PIL import Image
 
+from stages.base.config import load_params
+from stages.base.runtime import PipelineError
+from stages.base.specs import model_config_of
+from stages.dataset import images
+from stages.export import check_onnx, compare_logits, export, export_onnx
+from stages.model import deploy
+from stages.model.checkpoint import (SAFETENSORS_FORMAT, check_safetensors, checkpoint_from_safetensors,
+                                     load_checkpoint, make_checkpoint, read_safetensors, safetensors_bytes)
+from stages.model.nets import Ensemble, build_model, infer, model_from_checkpoint
+from stages.model.tensors import load_split
+
 from pipeline_repo import Baseline, dvc_executable
 from prepared_data import train_tiny
-from stages import deploy, images
-from stages.common import PipelineError, load_checkpoint, load_split, make_checkpoint
-from stages.config import load_params, model_config_of
-from stages.export import (SAFETENSORS_FORMAT, check_onnx, check_safetensors, checkpoint_from_safetensors,
-                           compare_logits, export, export_onnx, read_safetensors, safetensors_bytes)
-from stages.models import Ensemble, build_model, infer, model_from_checkpoint
 
 OUTPUTS = ("models/model.onnx", "models/model.safetensors")
 
@@ -81,7 +86,7 @@ def test_onnx_model_gives_torchs_logits_on_any_batch(trained: Path) -> None:
     assert graph_input.name == "images" and dims == ["batch", 3, 32, 32]
     assert graph_input.type.tensor_type.elem_type == onnx.TensorProto.UINT8  # raw pixels: normalization inside
     data = (trained / "models/model.onnx").read_bytes()
-    assert b"stages/models.py" not in data and b"stack_trace" not in data  # no paths: the same bytes in any clone
+    assert b"stages/model/nets.py" not in data and b"stack_trace" not in data  # no paths: the same bytes in any clone
     classifier = deploy.OnnxClassifier(trained / "models/model.onnx", "model.onnx")
     checkpoint = load_checkpoint(trained / "models/model.pth")
     assert classifier.classes == checkpoint["classes"] and classifier.image_size == 32
@@ -300,7 +305,7 @@ def test_deploy_decodes_images_as_stages_images_does(tmp_path: Path) -> None:
     for data in (b"", b"plain text", b"\xff\xd8\xff\xe0 truncated jpeg"):
         with pytest.raises(images.ImageDecodeError) as theirs:
             images.decode_image(data, 32, "x")
-        with pytest.raises(deploy.DeployError) as ours_error:
+        with pytest.raises(PipelineError) as ours_error:
             deploy.decode_image(data, 32, "x")
         assert str(ours_error.value) == str(theirs.value)
 

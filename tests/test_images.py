@@ -1,4 +1,4 @@
-"""stages.images: every supported format and mode to RGB by the documented rules, EXIF orientation, the resize
+"""stages.dataset.images: every supported format and mode to RGB by the documented rules, EXIF orientation, the resize
 rule, unreadable files (raise or skip), the JPEG fast path giving the same pixels as Pillow, and hostile files:
 formats we do not list, decompression bombs, thin strips, big photos (peak memory measured), special files."""
 
@@ -17,11 +17,12 @@ import pytest
 import torch
 from PIL import Image
 
+from stages.base.runtime import PipelineError
+from stages.dataset import images
+from stages.dataset.images import (NOT_AN_IMAGE, DecodeLimits, ImageDecodeError, decode_image, decode_images,
+                                   is_image_name, load_image)
+
 from imagefolders import image_bytes, quadrants_image, solid_image, with_exif_orientation
-from stages import images
-from stages.common import PipelineError
-from stages.images import (NOT_AN_IMAGE, DecodeLimits, ImageDecodeError, decode_image, decode_images, is_image_name,
-                           load_image)
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec); the pinned version still has them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -277,7 +278,7 @@ def peak_memory_mb(code: str) -> float:
         import io, resource, sys
         import numpy as np, torch
         from PIL import Image
-        from stages import images
+        from stages.dataset import images
         torch.set_num_threads(1)
         def blob(width, height, fmt):
             ramp = np.linspace(0, 255, width, dtype=np.uint8)[None, :, None].repeat(height, 0).repeat(3, 2)

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from stages.base.runtime import PipelineError
+from stages.base.specs import min_input_size, model_config_of, parameter_count
+from stages.model.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_1, load_checkpoint, make_checkpoint
+from stages.model.nets import AirNet, Ensemble, build_model, infer, load_pretrained, model_from_checkpoint
+from stages.model.tensors import save_torch
+
 from fileserver import FileServer
 from repo_root import REPO_ROOT
-from stages.common import (CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_1, PipelineError, load_checkpoint, make_checkpoint,
-                           save_torch)
-from stages.models import (AirNet, Ensemble, build_model, infer, load_pretrained, model_config,
-                           model_from_checkpoint)
-from stages.config import min_input_size, parameter_count
 
 CONFIGS = {
     "mlp": {"hidden": [64, 32]},
@@ -171,7 +172,7 @@ def test_pretrained_errors(tmp_path: Path) -> None:
 
 def test_model_config_carries_freeze_flag() -> None:
     train = {"model": "resnet18", "resnet18": {"input_size": 64}, "freeze_backbone": True}
-    assert model_config(train) == {"input_size": 64, "freeze_backbone": True}
+    assert model_config_of(train) == {"input_size": 64, "freeze_backbone": True}
 
 
 def test_get_pretrained_tool_is_explicit_and_fails_clearly_offline(tmp_path: Path) -> None:
@@ -266,7 +267,7 @@ def test_get_pretrained_refuses_bad_flags_before_any_download(tmp_path: Path, fl
     assert stop.value.code == 2 and expected in capsys.readouterr().err
     assert not output.exists()
 
-# ---------------------------------------------------------------- the size facts stages.config keeps without torch
+# ---------------------------------------------------------------- the size facts stages.base.specs keeps without torch
 
 
 @pytest.mark.parametrize("name, config, image_size", [

@@ -19,11 +19,14 @@ import pytest
 import torch
 from PIL import Image
 
+from stages import download, normalize
+from stages.dataset import cifar
+from stages.base.runtime import PipelineError, run_stage
+from stages.model.tensors import load_split
+
 from imagefolders import (PALETTE, add_tar_member, image_bytes, make_image_folder, solid_image, tar_folder,
                           write_params, zip_folder, zip_symlink)
 from repo_root import REPO_ROOT
-from stages import download, normalize
-from stages.common import PipelineError, load_split, run_stage
 
 # torchvision 0.29 deprecates its image decoders (in favour of TorchCodec); the pinned version still has them.
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities:DeprecationWarning")
@@ -43,8 +46,8 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def run(source: str, stats: str = "dataset", **data: Any) -> dict[str, Any]:
     """download + normalize with the repository's params, `data` keys overridden; returns meta.json."""
     params = write_params(Path.cwd(), source=source, **{"val_fraction": 0.0, **data})
-    download.download(params["data"])
-    normalize.normalize(params["data"], {"stats": stats})
+    download.download(params)
+    normalize.normalize({**params, "normalize": {"stats": stats}})
     meta = json.loads(Path("data/prepared/meta.json").read_text())
     return meta
 
@@ -320,7 +323,7 @@ def test_an_empty_test_split_stops_normalize(workdir: Path, capsys: pytest.Captu
     for picture in (root / "test").rglob("*.png"):  # every test image unreadable, all skipped
         picture.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     params = write_params(Path.cwd(), source="data/sources/pets", on_error="skip", val_fraction=0.0)
-    download.download(params["data"])
+    download.download(params)
     lines = run_stage_lines(capsys, source="data/sources/pets", on_error="skip")
     assert len(lines) == 1, lines
     assert lines[0].startswith("error: data/raw/images.zip: the test split has no images: 6 unreadable images were "
@@ -335,7 +338,7 @@ def test_an_empty_test_split_stops_normalize(workdir: Path, capsys: pytest.Captu
 def test_decode_limits_come_from_params(workdir: Path, capsys: pytest.CaptureFixture) -> None:
     source_folder(SPLIT_LAYOUT, size=(20, 14))  # 280 pixels, 0.00028 megapixels each
     params = write_params(Path.cwd(), source="data/sources/pets")
-    download.download(params["data"])
+    download.download(params)
     lines = run_stage_lines(capsys, source="data/sources/pets", **{"limits.image_megapixels": 0.0002})
     assert lines == ["error: test/cat/0000.png: cannot read image (20x14 pixels, over the limit of 0.0002 "
                      "megapixels per image (data.limits.image_megapixels)), in data/raw/images.zip (copied from "
@@ -352,7 +355,7 @@ def test_zip_members_are_read_when_decoded_not_up_front(workdir: Path, monkeypat
     """images.zip is not read into memory whole: each member is read once, by the thread that decodes it."""
     source_folder({"train": {"cat": 300, "dog": 300}, "test": {"cat": 2, "dog": 2}})
     params = write_params(Path.cwd(), source="data/sources/pets", val_fraction=0.0)
-    download.download(params["data"])
+    download.download(params)
     reads: list[tuple[str, bool]] = []
     read = zipfile.ZipFile.read
 
@@ -361,13 +364,13 @@ def test_zip_members_are_read_when_decoded_not_up_front(workdir: Path, monkeypat
         return read(archive, name, pwd)
 
     monkeypatch.setattr(zipfile.ZipFile, "read", recording_read)
-    normalize.normalize(params["data"], {"stats": "dataset"})
+    normalize.normalize({**params, "normalize": {"stats": "dataset"}})
     assert sorted(name for name, _ in reads) == sorted(zipfile.ZipFile("data/raw/images.zip").namelist())
     assert not any(in_main for _, in_main in reads)
     lazy = outputs()
     # the same bytes as from every member read up front
     monkeypatch.setattr(normalize, "ZipMembers", lambda path, archive, names: [read(archive, n) for n in names])
-    normalize.normalize(params["data"], {"stats": "dataset"})
+    normalize.normalize({**params, "normalize": {"stats": "dataset"}})
     assert outputs() == lazy
 
 
@@ -375,7 +378,7 @@ def test_a_damaged_member_of_images_zip_is_one_line(workdir: Path, capsys: pytes
     """Members are read in the decoding threads now: a read error there is still the stage's one line."""
     source_folder(SPLIT_LAYOUT)
     params = write_params(Path.cwd(), source="data/sources/pets")
-    download.download(params["data"])
+    download.download(params)
     raw = Path("data/raw/images.zip")
     with zipfile.ZipFile(raw) as archive:
         info = archive.getinfo("train/dog/0002.png")
@@ -394,15 +397,15 @@ def test_a_damaged_member_of_images_zip_is_one_line(workdir: Path, capsys: pytes
 def synthetic_raw(**data: Any) -> dict[str, Any]:
     params = write_params(Path.cwd(), source="synthetic", **{"synthetic.train_size": 50, "synthetic.test_size": 20,
                                                               **data})
-    download.download(params["data"])
+    download.download(params)
     return params
 
 
 def test_cifar_format_splits_and_resizes(workdir: Path) -> None:
     params = synthetic_raw(val_fraction=0.2, image_size=24)
-    meta = normalize.normalize(params["data"], {"stats": "dataset"})
+    meta = normalize.normalize({**params, "normalize": {"stats": "dataset"}})
     assert meta["splits"] == {"train": 40, "val": 10, "test": 20} and meta["image_size"] == 24
-    assert meta["counts"]["val"] == dict.fromkeys(download.CIFAR10_CLASSES, 1)
+    assert meta["counts"]["val"] == dict.fromkeys(cifar.CIFAR10_CLASSES, 1)
     assert load_split("data/prepared/test.pt")[0].shape == (20, 3, 24, 24)
     assert meta["source"]["kind"] == "synthetic"
 
@@ -412,13 +415,13 @@ def test_cifar_batch_problems_are_clear(workdir: Path) -> None:
     batch = Path("data/raw/cifar-10-batches-py/data_batch_3")
     batch.write_bytes(pickle.dumps({b"data": np.zeros((2, 100), np.uint8), b"labels": [0, 1]}))
     with pytest.raises(PipelineError, match=r"data_batch_3: 'data' must be a uint8 array N x 3072 .*\(2, 100\)"):
-        normalize.normalize(params["data"], {"stats": "dataset"})
+        normalize.normalize({**params, "normalize": {"stats": "dataset"}})
     batch.write_bytes(b"\x80\x04 truncated pickle")
     with pytest.raises(PipelineError, match=r"data_batch_3: not a readable CIFAR-10 batch file"):
-        normalize.normalize(params["data"], {"stats": "dataset"})
+        normalize.normalize({**params, "normalize": {"stats": "dataset"}})
     batch.unlink()
     with pytest.raises(PipelineError, match=r"data_batch_3 is missing; rerun the download stage"):
-        normalize.normalize(params["data"], {"stats": "dataset"})
+        normalize.normalize({**params, "normalize": {"stats": "dataset"}})
 
 
 def test_pickled_code_in_a_batch_is_refused(workdir: Path) -> None:
@@ -429,13 +432,13 @@ def test_pickled_code_in_a_batch_is_refused(workdir: Path) -> None:
     params = synthetic_raw()
     Path("data/raw/cifar-10-batches-py/test_batch").write_bytes(pickle.dumps({b"data": Exploit()}))
     with pytest.raises(PipelineError, match=r"test_batch: not a readable .*refusing to load builtins\.print"):
-        normalize.normalize(params["data"], {"stats": "dataset"})
+        normalize.normalize({**params, "normalize": {"stats": "dataset"}})
 
 
 def test_missing_raw_data(workdir: Path) -> None:
     params = write_params(Path.cwd())
     with pytest.raises(PipelineError, match=r"data/raw/source\.json: .* not found; run the stage that writes it"):
-        normalize.normalize(params["data"], {"stats": "dataset"})
+        normalize.normalize({**params, "normalize": {"stats": "dataset"}})
 
 
 # ---------------------------------------------------------------- the real CIFAR-10 JPEG copy
@@ -460,7 +463,7 @@ def test_real_cifar10_jpeg_sample(workdir: Path) -> None:
     images, _ = load_split("data/prepared/train.pt")
     assert images.shape == (270, 3, 32, 32) and 0.3 < meta["mean"][0] < 0.7 and 0.1 < meta["std"][0] < 0.4
     pillow = torch.from_numpy(np.array(Image.open(io.BytesIO(first_jpeg)).convert("RGB"))).permute(2, 0, 1)
-    from stages.images import decode_image
+    from stages.dataset.images import decode_image
     assert (decode_image(first_jpeg, 32, "real.jpg").int() - pillow.int()).abs().max().item() <= 1
 
 

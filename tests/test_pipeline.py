@@ -53,7 +53,7 @@ def test_first_repro_runs_every_stage_and_writes_every_output(baseline: Baseline
 
 
 def test_model_is_a_self_describing_checkpoint(baseline: Baseline) -> None:
-    from stages.common import load_checkpoint
+    from stages.model.checkpoint import load_checkpoint
 
     checkpoint = load_checkpoint(baseline.repo.path / "models/model.pth")
     meta = json.loads((baseline.repo.path / "data/prepared/meta.json").read_text())

@@ -18,9 +18,11 @@ import yaml
 from PIL import Image
 
 from stages import predict
-from stages.common import CHECKPOINT_FORMAT, load_checkpoint, make_checkpoint, save_torch
-from stages.images import load_image
-from stages.models import build_model, model_config, model_from_checkpoint
+from stages.base.specs import model_config_of
+from stages.dataset.images import load_image
+from stages.model.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, make_checkpoint
+from stages.model.nets import build_model, model_from_checkpoint
+from stages.model.tensors import save_torch
 
 CLASSES = ["airplane", "bird", "cat", "ship"]
 SIZE = 16
@@ -30,13 +32,13 @@ def save_checkpoint(path: Path, repo_root: Path, precision: str = "fp32") -> Non
     train = yaml.safe_load((repo_root / "params.yaml").read_text())["train"]
     train.update(model="cnn", cnn={"channels": [8, 8, 8]}, precision=precision)
     torch.manual_seed(0)
-    model = build_model("cnn", model_config(train), len(CLASSES), SIZE, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
+    model = build_model("cnn", model_config_of(train), len(CLASSES), SIZE, [0.49, 0.48, 0.45], [0.25, 0.24, 0.26])
     with torch.no_grad():  # non-trivial BatchNorm statistics, so eval mode matters
         for module in model.modules():
             if isinstance(module, torch.nn.BatchNorm2d):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
-    save_torch(make_checkpoint(model="cnn", model_config=model_config(train), classes=CLASSES, image_size=SIZE,
+    save_torch(make_checkpoint(model="cnn", model_config=model_config_of(train), classes=CLASSES, image_size=SIZE,
                                mean=[0.49, 0.48, 0.45], std=[0.25, 0.24, 0.26], state_dicts=[model.state_dict()],
                                train=train, pretrained=None, epochs_completed=0), path)
 
@@ -258,7 +260,7 @@ def test_a_bad_checkpoint_field_is_one_line_from_the_command(workspace: Path, re
                              "model_config: channels\n")
 
 
-# ---------------------------------------------------------------- a .onnx model on ONNX Runtime (stages.deploy)
+# ---------------------------------------------------------------- a .onnx model on ONNX Runtime (stages.model.deploy)
 # Small models written with onnx.helper stand in for the export stage's (tests/test_export.py runs that stage): a
 # linear classifier on the raw pixels, with the metadata the export stage writes, or with what a foreign model has.
 
@@ -269,7 +271,7 @@ def write_onnx_model(path: Path, *, input_type: str = "uint8", input_shape: tupl
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from stages.deploy import ONNX_FORMAT
+    from stages.model.deploy import ONNX_FORMAT
 
     elements = {"uint8": TensorProto.UINT8, "float": TensorProto.FLOAT}
     pixels = 3 * input_shape[2] * input_shape[3]
@@ -297,7 +299,7 @@ def onnx_workspace(workspace: Path) -> Path:
 
 
 def test_onnx_model_classifies_like_its_graph(onnx_workspace: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from stages import deploy
+    from stages.model import deploy
 
     weights = write_onnx_model(onnx_workspace / "model.onnx")
     code, out, err = run_main(["model.onnx", "photos", "--format", "json", "--top-k", "4"], capsys)
@@ -347,7 +349,7 @@ def test_onnx_predict_runs_where_torch_is_not_installed(onnx_workspace: Path, re
 ])
 def test_a_wrong_onnx_model_is_refused_with_one_line(workspace: Path, capsys: pytest.CaptureFixture[str],
                                                      kind: str, message: str) -> None:
-    from stages.deploy import ONNX_FORMAT
+    from stages.model.deploy import ONNX_FORMAT
 
     path = workspace / f"{kind}.onnx"
     ours = {"format": ONNX_FORMAT, "classes": json.dumps(CLASSES), "image_size": str(SIZE)}

@@ -15,9 +15,11 @@ from typing import Any
 import pytest
 import yaml
 
+from stages.base.config import set_dotted, validate
+from stages.base.runtime import ParamsError
+
 from pipeline_repo import Baseline, PipelineRepo
 from repo_root import REPO_ROOT
-from stages.config import ParamsError, set_dotted, validate
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 import preset  # noqa: E402  (tools/ is not a package)
@@ -156,7 +158,7 @@ def preset_repo(baseline: Baseline, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.mark.slow
 @pytest.mark.parametrize("name", PRESETS)
 def test_preset_runs_by_its_command(preset_repo: PipelineRepo, tmp_path: Path, name: str) -> None:
-    from stages.common import load_checkpoint
+    from stages.model.checkpoint import load_checkpoint
 
     repo = preset_repo.copy_to(tmp_path / "repo")
     overrides = {**TINY_DATA, **TINY_RUN.get(name, {})}

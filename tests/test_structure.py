@@ -1,5 +1,5 @@
 """The pipeline's structure cannot drift from its code: each stage's code deps in dvc.yaml are exactly the stages/
-files its script imports, and every data path dvc.yaml names is one that stages/paths.py defines.
+files its script imports, and every data path dvc.yaml names is one that stages/base/paths.py defines.
 
 A module missing from a stage's deps is the dangerous case: DVC would serve a stale result after that module
 changed. An extra one only reruns a stage needlessly; both fail here."""
@@ -14,9 +14,10 @@ from typing import Any
 import pytest
 import yaml
 
+from stages.base import paths
+from stages.base.paths import code_closure
+
 from repo_root import REPO_ROOT
-from stages import paths
-from stages.common import code_closure
 
 COMMAND = re.compile(r"^python -m (stages\.\w+)$")
 
@@ -39,6 +40,16 @@ def closure_of(module: str) -> frozenset[str]:
     return frozenset(str(path) for path in code_closure(module))
 
 
+def code_files(deps: set[str]) -> set[str]:
+    """The code files that stages/ deps name: a file as it is, a folder as every .py file below it (a stage may
+    list a whole library folder, such as stages/base, when it imports all of it)."""
+    files = set()
+    for dep in deps:
+        path = REPO_ROOT / dep
+        files |= ({str(f.relative_to(REPO_ROOT)) for f in path.rglob("*.py")} if path.is_dir() else {dep})
+    return files
+
+
 def code_dep_mismatches(dvc_yaml: dict[str, Any]) -> list[str]:
     """For each stage, the stages/ files its command runs but dvc.yaml does not list, and the reverse."""
     problems = []
@@ -46,7 +57,8 @@ def code_dep_mismatches(dvc_yaml: dict[str, Any]) -> list[str]:
         match = COMMAND.match(stage["cmd"])
         assert match, f"stage {name}: cmd {stage['cmd']!r} is not `python -m stages.<module>`"
         imported = closure_of(match.group(1))
-        listed = {entry_path(dep) for dep in stage.get("deps", []) if entry_path(dep).startswith("stages/")}
+        listed = code_files({entry_path(dep) for dep in stage.get("deps", [])
+                             if entry_path(dep).startswith("stages/")})
         problems += [f"stage {name}: imports {path} but dvc.yaml does not list it"
                      for path in sorted(imported - listed)]
         problems += [f"stage {name}: dvc.yaml lists {path}, which it does not import"
@@ -65,7 +77,9 @@ def test_a_forgotten_module_is_caught() -> None:
         for dropped in code_deps:
             broken = load_dvc_yaml()
             broken["stages"][name]["deps"].remove(dropped)
-            assert code_dep_mismatches(broken) == [f"stage {name}: imports {dropped} but dvc.yaml does not list it"]
+            expected = [f"stage {name}: imports {path} but dvc.yaml does not list it"
+                        for path in sorted(code_files({entry_path(dropped)}))]
+            assert code_dep_mismatches(broken) == expected
 
 
 def test_stage_names_scripts_and_functions_agree() -> None:
@@ -82,32 +96,34 @@ def defined_paths() -> set[str]:
 
 @pytest.mark.parametrize("kind", ["deps", "outs", "metrics"])
 def test_dvc_yaml_data_paths_are_the_ones_the_stages_use(kind: str) -> None:
-    """Every file or folder passed between stages is named once, in stages/paths.py; dvc.yaml must name the same."""
+    """Every file or folder passed between stages is named once, in stages/base/paths.py; dvc.yaml must name the same."""
     known = defined_paths()
     for name, stage in stages_of(load_dvc_yaml()).items():
         for entry in stage.get(kind, []):
             path = entry_path(entry)
             if not path.startswith("stages/"):
-                assert path in known, f"stage {name}: {kind} {path} is not defined in stages/paths.py"
+                assert path in known, f"stage {name}: {kind} {path} is not defined in stages/base/paths.py"
 
 
 def test_code_closure_follows_imports_transitively() -> None:
-    """evaluate imports models, which imports augment: augment is part of evaluate's code."""
+    """evaluate imports model.nets, which imports dataset.augment: augment, and the __init__ of every package on
+    the way, are part of evaluate's code."""
     closure = {str(path) for path in code_closure("stages.evaluate")}
-    assert {"stages/__init__.py", "stages/evaluate.py", "stages/models.py", "stages/augment.py"} <= closure
+    assert {"stages/__init__.py", "stages/evaluate.py", "stages/model/__init__.py", "stages/model/nets.py",
+            "stages/dataset/__init__.py", "stages/dataset/augment.py"} <= closure
     assert "stages/train.py" not in closure
 
 
 def test_resume_fingerprint_hashes_the_train_stage_code(monkeypatch: pytest.MonkeyPatch) -> None:
     """A resume state is reused only by the same code: the fingerprint hashes the files of train's import closure,
     which are also its deps in dvc.yaml (so no hand-kept list can forget one)."""
-    from stages import train
-    from stages.config import load_params
+    from stages.base.config import load_params
+    from stages.model import resume
 
     hashed: list[Path] = []
-    monkeypatch.setattr(train, "file_digest", lambda path: hashed.append(Path(path)) or "digest")
-    train.fingerprint(load_params(REPO_ROOT / "params.yaml"), world=1)
+    monkeypatch.setattr(resume, "file_digest", lambda path: hashed.append(Path(path)) or "digest")
+    resume.fingerprint(load_params(REPO_ROOT / "params.yaml"), world=1)
     code = {str(path.resolve().relative_to(REPO_ROOT)) for path in hashed if path.suffix == ".py"}
-    listed = {entry_path(dep) for dep in stages_of(load_dvc_yaml())["train"]["deps"]
-              if entry_path(dep).startswith("stages/")}
+    listed = code_files({entry_path(dep) for dep in stages_of(load_dvc_yaml())["train"]["deps"]
+                         if entry_path(dep).startswith("stages/")})
     assert code == {str(path) for path in code_closure("stages.train")} == listed

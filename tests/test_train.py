@@ -20,12 +20,15 @@ from typing import Any
 import pytest
 import torch
 
+from stages.base.config import load_params
+from stages.base.runtime import ParamsError, PipelineError
+from stages.model.checkpoint import load_checkpoint
+from stages.model.optim import Muon, lr_factor, orthogonalize
+from stages.model.tensors import save_torch
+from stages.train import balanced_class_weights, balanced_sample_weights, cap_batch_size, epoch_order, train
+
 from prepared_data import tiny_params, write_prepared
 from repo_root import REPO_ROOT
-from stages.common import PipelineError, load_checkpoint, save_torch
-from stages.config import ParamsError, load_params
-from stages.optim import Muon, lr_factor, orthogonalize
-from stages.train import balanced_class_weights, balanced_sample_weights, cap_batch_size, epoch_order, train
 
 
 def md5(path: Path) -> str:
@@ -231,7 +234,7 @@ def test_fine_tuning_from_pretrained_weights_with_frozen_backbone(workdir: Path)
 
 
 def test_pretrained_weights_must_live_where_dvc_tracks_them(workdir: Path) -> None:
-    from stages.config import ParamsError
+    from stages.base.runtime import ParamsError
     tiny_params(workdir, **{"train.model": "resnet18", "train.pretrained": "/tmp/resnet18.pth"})
     with pytest.raises(ParamsError, match="must be a file under models/pretrained/"):
         load_params()
@@ -332,7 +335,7 @@ def test_phase_lengths_as_a_percentage_train_the_same_as_in_epochs(workdir: Path
 @pytest.mark.parametrize("damage", ["truncated", "empty", "incomplete"])
 def test_unreadable_resume_file_is_ignored_and_the_run_starts_afresh(workdir: Path, capsys: pytest.CaptureFixture,
                                                                      damage: str) -> None:
-    from stages.train import fingerprint
+    from stages.model.resume import fingerprint
     tiny_params(workdir)
     outputs = ["models/model.pth", "metrics/history.csv", "metrics/train.json"]
     train(load_params())
@@ -360,12 +363,13 @@ def test_unreadable_resume_file_is_ignored_and_the_run_starts_afresh(workdir: Pa
 def test_more_processes_than_gpus_are_refused_before_launching(workdir: Path, monkeypatch: pytest.MonkeyPatch,
                                                                capsys: pytest.CaptureFixture) -> None:
     from stages import train as train_stage
-    from stages.common import run_stage
+    from stages.base.runtime import run_stage
+    from stages.model import distributed
     tiny_params(workdir, **{"train.nproc": 4})
     monkeypatch.delenv("PIPELINE_DEVICE", raising=False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(train_stage.subprocess, "call", lambda *args, **kwargs: pytest.fail("torchrun launched"))
+    monkeypatch.setattr(distributed.subprocess, "call", lambda *args, **kwargs: pytest.fail("torchrun launched"))
     with pytest.raises(SystemExit) as exit_info:
         run_stage(train_stage.main)
     assert exit_info.value.code == 2
@@ -378,12 +382,13 @@ def test_more_processes_than_gpus_are_refused_before_launching(workdir: Path, mo
 RANK_ONE_FAILS = '''
 import os
 if os.environ.get("RANK") == "1":  # only the second process: the first one is left waiting for it
-    from stages import common
+    from stages.base.runtime import PipelineError
+    from stages.model import tensors
 
     def load_split(path):
-        raise common.PipelineError(f"{path}: rank 1 cannot read this")
+        raise PipelineError(f"{path}: rank 1 cannot read this")
 
-    common.load_split = load_split
+    tensors.load_split = load_split
 '''
 
 
@@ -412,7 +417,7 @@ def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_model(workdir
                                                                           monkeypatch: pytest.MonkeyPatch,
                                                                           capsys: pytest.CaptureFixture) -> None:
     from stages import train as train_stage
-    from stages.common import run_stage
+    from stages.base.runtime import run_stage
     tiny_params(workdir)
     train(load_params())
     model = workdir / "models" / "model.pth"
@@ -580,8 +585,8 @@ def first_best_epoch(rows: list[dict[str, str]], column: str, lower_is_better: b
 
 def validation_loss(root: Path) -> float:
     """The saved model's loss on the validation split, computed as train computes it."""
-    from stages.common import load_split
-    from stages.models import infer, inference_settings, model_from_checkpoint
+    from stages.model.nets import infer, inference_settings, model_from_checkpoint
+    from stages.model.tensors import load_split
     checkpoint = load_checkpoint(root / "models" / "model.pth")
     images, labels = load_split(root / "data" / "prepared" / "val.pt")
     settings = inference_settings(checkpoint["model"], checkpoint["train"], torch.device("cpu"))
@@ -672,9 +677,9 @@ def kill_after(monkeypatch: pytest.MonkeyPatch, member: int, epoch: int) -> None
     import stages.train as train_module
     save_resume = train_module.save_resume
 
-    def save_then_die(run: Any, in_training: Any, epochs_done: int) -> None:
-        save_resume(run, in_training, epochs_done)
-        if (in_training.index + 1, epochs_done) == (member, epoch):
+    def save_then_die(run_fingerprint: str, progress: Any, in_training: int, epochs_done: int, state: Any) -> None:
+        save_resume(run_fingerprint, progress, in_training, epochs_done, state)
+        if (in_training + 1, epochs_done) == (member, epoch):
             raise Killed
     monkeypatch.setattr(train_module, "save_resume", save_then_die)
 
@@ -759,8 +764,8 @@ def test_selection_on_an_empty_or_one_class_validation_split_is_refused_before_t
 
 
 def test_unknown_monitor_names_the_key_and_choices(workdir: Path) -> None:
-    from stages.config import MONITORS
-    from stages.selection import LOWER_IS_BETTER
+    from stages.base.config import MONITORS
+    from stages.model.selection import LOWER_IS_BETTER
     assert set(LOWER_IS_BETTER) == set(MONITORS)  # each choice has a direction
     tiny_params(workdir, **{"train.monitor": "val_f1"})
     with pytest.raises(ParamsError, match=r"^train\.monitor: expected one of .*val_macro_f1"):

@@ -6,7 +6,7 @@
     dvc exp run -S train.model=resnet18 -S train.pretrained=models/pretrained/resnet18.pth -S train.freeze_backbone=true \\
         -S train.optimizer=sgd -S train.low_res.size=0
 
-The download goes through stages/fetch.py, as the pipeline's own: with progress, resumed and retried, capped at
+The download goes through stages/dataset/fetch.py, as the pipeline's own: with progress, resumed and retried, capped at
 --max-mb, and checked against a SHA-256 (--sha256, or the hash prefix torchvision puts in its file names, as
 torch.hub checks it) before it is loaded, weights only. Needs network access to torchvision's weight host; offline
 it stops with one message saying how to bring the file from another machine."""
@@ -24,8 +24,9 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
 
-from stages.common import PipelineError, file_digest, run_stage, save_torch  # noqa: E402
-from stages.fetch import ByteLimit, fetch  # noqa: E402
+from stages.base.runtime import PipelineError, file_digest, run_stage  # noqa: E402
+from stages.dataset.fetch import ByteLimit, fetch  # noqa: E402
+from stages.model.tensors import save_torch  # noqa: E402
 
 MAX_MB = 1000  # MB of 2**20 bytes, as the messages count; ResNet-18's weights are 44.7, so far more is not them
 HASH_PREFIX = re.compile(r"-([0-9a-f]{8,64})\.[^.]+$")  # torchvision's resnet18-f37072fd.pth: sha256's first digits

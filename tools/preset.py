@@ -33,10 +33,14 @@ PRESETS_DIR = REPO_ROOT / "presets"
 PARAMS_YAML = REPO_ROOT / "params.yaml"
 sys.path.insert(0, str(REPO_ROOT))
 
-from stages.config import ParamsError, set_dotted, validate  # noqa: E402
+from stages.base.config import set_dotted, validate  # noqa: E402
+from stages.base.runtime import ParamsError, brief  # noqa: E402
+from stages.base.yamlfile import read_yaml  # noqa: E402
 
 # Text that may go into -S unquoted (no sweep commas, list brackets or quotes), if YAML reads it as that text too.
 PLAIN_TEXT = re.compile(r"[A-Za-z_/][\w./%+-]*|\d[\w.]*%")
+# A preset is named by its file's stem in presets/: never a path (it must not apply a file from elsewhere).
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 
 class PresetError(Exception):
@@ -48,6 +52,9 @@ def preset_names() -> list[str]:
 
 
 def preset_file(name: str) -> Path:
+    if not PRESET_NAME.fullmatch(name) or name.endswith(".yaml"):
+        raise PresetError(f"{brief(name)} is not a preset name: give the name of a file in presets/ without "
+                          f".yaml (letters, digits, '.', '_', '-'); presets: {', '.join(preset_names())}")
     path = PRESETS_DIR / f"{name}.yaml"
     if not path.is_file():
         raise PresetError(f"no preset {name!r} ({path.relative_to(REPO_ROOT)} does not exist); "
@@ -76,7 +83,10 @@ def flatten(mapping: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def read_preset(name: str) -> dict[str, Any]:
     """The preset's params as {dotted key: value}, in the file's order."""
     path = preset_file(name)
-    content = yaml.safe_load(path.read_text(encoding="utf-8"))
+    try:
+        content = read_yaml(path, "a preset", shown_as=path.relative_to(REPO_ROOT))
+    except ParamsError as error:
+        raise PresetError(str(error)) from None
     if not isinstance(content, dict) or not content:
         raise PresetError(f"{path.relative_to(REPO_ROOT)}: expected a mapping shaped like params.yaml")
     return flatten(content)
@@ -86,8 +96,8 @@ def check_preset(name: str, params_file: Path = PARAMS_YAML) -> dict[str, Any]:
     """The preset applied to `params_file`, as DVC would write it; a key params.yaml lacks or a value the params
     check refuses is a PresetError naming the preset file."""
     where = preset_file(name).relative_to(REPO_ROOT)
-    params = yaml.safe_load(params_file.read_text(encoding="utf-8"))
     try:
+        params = read_yaml(params_file, "the pipeline's params")
         for dotted, value in read_preset(name).items():
             set_dotted(params, dotted, value)
         return validate(params)

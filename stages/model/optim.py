@@ -1,18 +1,58 @@
-"""The optimizer side of training: the learning-rate schedule, the optimizers (SGD with its parameter groups, and
-Muon for conv filters), decoupled weight decay, and weight averaging (EMA or lookahead). The train stage and
-bench/profile_step.py both build their optimizers here, so a benchmark measures the step training runs."""
+"""The optimizer side of training: the step plan and learning-rate schedule, the optimizers (SGD with its parameter
+groups, and Muon for conv filters), decoupled weight decay, and weight averaging (EMA or lookahead). The train
+stage and bench/profile_step.py both build their optimizers here, so a benchmark measures the step training runs."""
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from stages.models import autocast_dtype, bias_and_norm_parameters
+from stages.base.runtime import PipelineError
+from stages.model.nets import bias_and_norm_parameters
+from stages.model.precision import autocast_dtype
 
 # ---------------------------------------------------------------- schedule and optimizers
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's length in optimizer steps, the same for every member: each phase of train (in epochs) becomes a
+    whole number of steps."""
+    steps_per_epoch: int
+    total_steps: int
+    epochs: int  # epochs started; the last one may stop part-way (fractional train.epochs)
+    warmup_steps: int
+    low_res_steps: int
+    averaging_start: int
+
+    def global_step(self, epoch: int, step_in_epoch: int) -> int:
+        return epoch * self.steps_per_epoch + step_in_epoch
+
+    def steps_in(self, epoch: int) -> int:
+        return min(self.steps_per_epoch, self.total_steps - epoch * self.steps_per_epoch)
+
+
+def plan_schedule(train_cfg: dict[str, Any], n_train: int, world: int, image_size: int) -> Schedule:
+    """The Schedule of train params whose phase lengths are in epochs (resolve_phases), for `n_train` images
+    shared by `world` processes."""
+    full, remainder = divmod(n_train, train_cfg["batch_size"])
+    # The last, smaller batch is kept only when every process gets the same number (>= 2, for BatchNorm) of
+    # its images; otherwise it is dropped (a different part of the data each epoch).
+    steps_per_epoch = full + (1 if remainder >= 2 * world and remainder % world == 0 else 0)
+    total_steps = max(1, round(train_cfg["epochs"] * steps_per_epoch))
+    low_res_size = train_cfg["low_res"]["size"]
+    low_res_steps = round(train_cfg["low_res"]["epochs"] * steps_per_epoch) if low_res_size else 0
+    if low_res_steps and low_res_size >= image_size:  # the params check knows the model, not the image size
+        raise PipelineError(f"train.low_res.size: {low_res_size} must be smaller than the images "
+                            f"({image_size} px) to save time")
+    return Schedule(steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+                    epochs=math.ceil(total_steps / steps_per_epoch),
+                    warmup_steps=round(train_cfg["warmup_epochs"] * steps_per_epoch), low_res_steps=low_res_steps,
+                    averaging_start=round(train_cfg["averaging_start"] * steps_per_epoch))
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
@@ -74,7 +114,8 @@ class Muon(torch.optim.Optimizer):
                 p.add_(update, alpha=-group["lr"])
 
 
-def make_optimizers(model: nn.Module, train: dict[str, Any], device: torch.device) -> list[torch.optim.Optimizer]:
+def make_optimizers(model: nn.Module, train_cfg: dict[str, Any],
+                    device: torch.device) -> list[torch.optim.Optimizer]:
     """SGD with two parameter groups: BatchNorm parameters get lr * bias_lr_scale (and weight decay divided by
     it, so lr x wd stays the same), everything else the base rate. With decoupled weight decay the decay is
     applied to the weights directly in `apply_weight_decay`, not through the gradient and momentum.
@@ -85,10 +126,10 @@ def make_optimizers(model: nn.Module, train: dict[str, Any], device: torch.devic
     # trains only for the first epochs.
     parameters = list(model.parameters())
     # (the params check refuses muon for models without trainable conv filters)
-    filters = ([p for p in parameters if p.ndim == 4 and p.requires_grad] if train["optimizer"] == "muon" else [])
+    filters = [p for p in parameters if p.ndim == 4 and p.requires_grad] if train_cfg["optimizer"] == "muon" else []
     in_muon = {id(p) for p in filters}
-    scale, wd = train["bias_lr_scale"], train["weight_decay"]
-    coupled_wd = 0.0 if train["decoupled_weight_decay"] else wd
+    scale, wd = train_cfg["bias_lr_scale"], train_cfg["weight_decay"]
+    coupled_wd = 0.0 if train_cfg["decoupled_weight_decay"] else wd
     groups = [
         {"params": [p for p in parameters if id(p) not in special and id(p) not in in_muon], "lr_scale": 1.0,
          "wd": wd},
@@ -96,16 +137,16 @@ def make_optimizers(model: nn.Module, train: dict[str, Any], device: torch.devic
     ]
     for group in groups:
         group["weight_decay"] = coupled_wd / group["lr_scale"] if coupled_wd else 0.0
-        group["peak_lr"] = train["lr"] * group["lr_scale"]
+        group["peak_lr"] = train_cfg["lr"] * group["lr_scale"]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(
-        [g for g in groups if g["params"]], lr=train["lr"], momentum=train["momentum"],
-        nesterov=train["nesterov"] and train["momentum"] > 0)]
+        [g for g in groups if g["params"]], lr=train_cfg["lr"], momentum=train_cfg["momentum"],
+        nesterov=train_cfg["nesterov"] and train_cfg["momentum"] > 0)]
     if filters:
         # bf16 Newton-Schulz where bf16 matmuls are native (it is only an update direction), fp32 elsewhere
-        dtype = autocast_dtype(train["precision"], device) or torch.float32
-        muon = Muon(filters, train["muon"]["lr"], train["muon"]["momentum"], nesterov=True,
+        dtype = autocast_dtype(train_cfg["precision"], device) or torch.float32
+        muon = Muon(filters, train_cfg["muon"]["lr"], train_cfg["muon"]["momentum"], nesterov=True,
                     dtype=torch.float32 if dtype == torch.float16 else dtype)
-        muon.param_groups[0].update(peak_lr=train["muon"]["lr"], wd=0.0)
+        muon.param_groups[0].update(peak_lr=train_cfg["muon"]["lr"], wd=0.0)
         optimizers.append(muon)
     return optimizers
 
@@ -166,6 +207,11 @@ class WeightAverage:
 
     def _lookahead_decay(self, step: int) -> float:
         return self.decay ** self.LOOKAHEAD_EVERY * (step / self.total_steps) ** 3
+
+    def evaluation_state(self) -> dict[str, torch.Tensor] | None:
+        """The weights to validate and save in place of the model's own: the EMA average; None for lookahead,
+        whose end_of_epoch has already pulled the model to its average."""
+        return self.state if self.mode == "ema" else None
 
     def end_of_epoch(self, model: nn.Module, step: int) -> None:
         """Lookahead: blend in the steps since the last pull-back and pull back once more, so validation and the

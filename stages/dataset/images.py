@@ -40,9 +40,7 @@ Decode rules
 from __future__ import annotations
 
 import io
-import os
 import re
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,11 +52,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as F
-from tqdm import tqdm
 
-from stages.common import PipelineError
-from stages.imagefiles import (IMAGE_EXTENSIONS, MAX_BYTES, MAX_PIXELS, NOT_AN_IMAGE, PILLOW_FORMATS,  # noqa: F401
-                               is_image_name, to_rgb)
+from stages.base.runtime import PipelineError, decode_workers, progress
+from stages.dataset.imagefiles import (IMAGE_EXTENSIONS, MAX_BYTES, MAX_PIXELS, NOT_AN_IMAGE,  # noqa: F401
+                                       PILLOW_FORMATS, is_image_name, over_byte_limit, to_rgb)
 
 ON_ERROR = ("raise", "skip")
 
@@ -92,20 +89,6 @@ class DecodeLimits:
         limits = data["limits"]
         return cls(max_pixels=round(limits["image_megapixels"] * 1_000_000),
                    max_bytes=round(limits["image_mb"] * 2**20))
-
-
-
-def progress(total: int, desc: str, unit: str = "img", **kwargs: object) -> tqdm:
-    """A tqdm bar on stderr; in CI logs (no terminal) it updates at most every 30 s instead of flooding them."""
-    return tqdm(total=total, desc=desc, unit=unit, mininterval=0.5 if sys.stderr.isatty() else 30,
-                dynamic_ncols=True, **kwargs)
-
-
-def decode_workers() -> int:
-    """CPUs this process may run on (respects taskset/cgroup affinity where the OS reports it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------- resize
@@ -169,8 +152,7 @@ def _check(data: bytes, limits: DecodeLimits) -> tuple[int, int] | str:
     if not data:
         return "empty file"
     if len(data) > limits.max_bytes:
-        return (f"{len(data):,} bytes, over the limit of {limits.max_bytes / 2**20:g} MB per image file "
-                f"(data.limits.image_mb)")
+        return over_byte_limit(len(data), limits.max_bytes)
     try:
         width, height = _header_size(data)
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... by file type
@@ -233,8 +215,7 @@ def read_image_file(path: str | Path, limits: DecodeLimits = DecodeLimits()) -> 
         raise PipelineError(f"{path}: image file not found" if not path.exists() else f"{path}: not a regular file")
     try:
         if path.stat().st_size > limits.max_bytes:
-            raise ImageDecodeError(str(path), f"{path.stat().st_size:,} bytes, over the limit of "
-                                              f"{limits.max_bytes / 2**20:g} MB per image file (data.limits.image_mb)")
+            raise ImageDecodeError(str(path), over_byte_limit(path.stat().st_size, limits.max_bytes))
         return path.read_bytes()
     except OSError as error:
         raise PipelineError(f"{path}: cannot read file ({error.strerror or error})") from None

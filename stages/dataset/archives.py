@@ -1,12 +1,9 @@
-"""Image-folder ingestion: a folder or a .zip/.tar/.tar.gz/.tgz archive of pictures -> the canonical images.zip.
+"""List a folder, zip or tar of pictures safely within data.limits, without extracting anything.
 
-The source is listed without extracting anything (member names that could land outside the target are refused,
-links are checked and then skipped, hidden and system files and non-images are ignored), its layout is checked
-(`train/<class>/*` + `test/<class>/*`, or only `<class>/*`, optionally inside one wrapping top folder), and the
-pictures are copied, without decoding, into one uncompressed zip with members `train|test|all/<class>/<path>`,
-sorted, with fixed dates: the same pictures always give the same bytes, whatever the archive type, file order or
-timestamps. The tar-safety checks (checked_members, check_member_name, check_link_target) serve every archive the
-download stage opens.
+A listing maps each picture's relative path to a function that reads its bytes; stages/dataset/ingest.py turns it
+into images.zip. Member names that could land outside the target are refused, links are checked and then skipped,
+hidden and system files and non-images are ignored. The member checks (checked_members, check_member_name,
+check_link_target) also serve the CIFAR-10 tarball the download stage extracts.
 
 Limits (`ArchiveLimits`, from params `data.limits`): an archive holds at most `archive_files` members and unpacks
 to at most `archive_gb` all together; one picture (member or file) is at most `image_mb`; a zip member, a whole
@@ -46,14 +43,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, Callable, Iterator
 
-from stages.common import PipelineError, file_digest, human_size
-from stages.images import IMAGE_EXTENSIONS, DecodeLimits, is_image_name, progress
+from stages.base.runtime import PipelineError, human_size
+from stages.dataset.imagefiles import byte_limit, is_image_name, over_byte_limit
+from stages.dataset.images import DecodeLimits
 
-_ZIP_DATE = (1980, 1, 1, 0, 0, 0)
 _JUNK_FILES = frozenset({"thumbs.db", "desktop.ini"})
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz")
-_EXPECTED_LAYOUT = ("train/<class>/<images> and test/<class>/<images> (optionally inside one top folder), "
-                    "or only <class>/<images> folders")
 _RATIO_FLOOR = 1 << 20  # unpacked bytes below which the compression ratio is not checked
 _LINK_TARGET_BYTES = 4096  # a zip symlink's target is a path (at most PATH_MAX); its declared size is not trusted
 _COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz: the compressions tarfile opens
@@ -63,7 +58,7 @@ _TAR_SPECIAL_KINDS = {tarfile.FIFOTYPE: "a FIFO", tarfile.CHRTYPE: "a character 
                       tarfile.BLKTYPE: "a block device"}
 _WARN_LISTED = 5  # special files named in the warning line; source.json lists them all
 
-Members = dict[str, Callable[[], bytes]]  # canonical member name -> a function that reads the picture's bytes
+Reader = Callable[[], bytes]  # reads one picture's bytes when it is copied
 
 
 @dataclass(frozen=True)
@@ -83,40 +78,18 @@ class ArchiveLimits:
                    max_member_bytes=DecodeLimits.from_params(data).max_bytes, max_ratio=limits["compression_ratio"])
 
 
-def ingest(source: Path, label: str, images_zip: Path, sniff: bool,
-           limits: ArchiveLimits = ArchiveLimits()) -> dict[str, Any]:
-    """Copy the pictures of the folder or archive `source` (named `label` in messages) into `images_zip`; return
-    what source.json records about them. `sniff`: tell the archive type from the content when its name has no
-    known extension (a URL's last path part often has none)."""
-    with contextlib.ExitStack() as stack:  # keeps an archive (and a tar's spool file) open until the copy is done
-        if source.is_dir():
-            listing = _list_folder(source, label, limits)
-        else:
-            listing = _list_archive(source, label, stack, sniff, limits, spool_dir=images_zip.parent)
-        _warn_special(listing)
-        layout, members, classes = _layout(listing)
-        with progress(len(members), "copy images") as bar:
-            write_canonical_zip(images_zip, members, bar.update)
-    splits = [name.split("/", 1)[0] for name in members]
-    counts = {split: splits.count(split) for split in ("train", "test", "all") if split in splits}
-    info = {"layout": layout, "classes": classes, "images": counts, "ignored_files": listing.ignored,
-            "images_zip_sha256": file_digest(images_zip)}
-    if listing.special:  # only then: an ordinary source keeps the very same source.json
-        info["ignored_special_files"] = listing.special
-    return info
-
-
-def write_canonical_zip(path: Path, members: Members, advance: Callable[[int], object] = lambda n: None) -> None:
-    """One deterministic uncompressed zip: sorted names, fixed dates and attributes, so the same pictures always
-    give the same bytes (and DVC sees no change when nothing changed). JPEG/PNG do not compress further."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
-        for name in sorted(members):
-            info = zipfile.ZipInfo(name, date_time=_ZIP_DATE)
-            info.compress_type = zipfile.ZIP_STORED
-            info.create_system = 3  # unix; the default depends on the OS that writes the file
-            info.external_attr = 0o100644 << 16
-            archive.writestr(info, members[name]())
-            advance(1)
+def list_source(source: Path, label: str, stack: contextlib.ExitStack, sniff: bool, limits: ArchiveLimits,
+                spool_dir: Path) -> Listing:
+    """The pictures of the folder or archive `source` (named `label` in messages), with what was skipped (warned
+    about here). `stack` keeps an archive, and a compressed tar's spool file in `spool_dir`, open until the
+    listing's readers have run. `sniff`: tell the archive type from the content when its name has no known
+    extension (a URL's last path part often has none)."""
+    if source.is_dir():
+        listing = _list_folder(source, label, limits)
+    else:
+        listing = _list_archive(source, label, stack, sniff, limits, spool_dir)
+    _warn_special(listing)
+    return listing
 
 
 # ---------------------------------------------------------------- archive safety
@@ -193,9 +166,8 @@ class _Budget:
     def picture(self, what: str, size: int, packed: int | None = None) -> None:
         """One picture to be copied, named `what`; `packed`: its compressed size (a zip member)."""
         if size > self.limits.max_member_bytes:
-            raise PipelineError(f"{what}: {human_size(size)}, over the limit of "
-                                f"{self.limits.max_member_bytes / 2**20:g} MB per image file (data.limits.image_mb); "
-                                f"raise it, or remove the file")
+            raise PipelineError(f"{what}: {over_byte_limit(size, self.limits.max_member_bytes)}; raise it, or "
+                                f"remove the file")
         if packed is not None and _over_ratio(size, packed, self.limits.max_ratio):
             raise PipelineError(f"{what}: unpacks to {human_size(size)} from {human_size(packed)}: "
                                 f"{_ratio_refusal(size, packed, self.limits)}")
@@ -214,25 +186,20 @@ def _ratio_refusal(unpacked: int, packed: int, limits: ArchiveLimits) -> str:
 # ---------------------------------------------------------------- listing
 
 
-class _Listing:
+class Listing:
     """The image files of a source: relative posix path -> a function that reads its bytes; the folders seen
     (to find empty class folders); how many files were ignored (hidden, system, not an image, not a regular
     file) and, for the entries that are not regular files or folders, why."""
 
     def __init__(self, label: str) -> None:
         self.label = label
-        self.files: Members = {}
+        self.files: dict[str, Reader] = {}
         self.dirs: set[str] = set()
         self.ignored = 0
         self.special: list[dict[str, str]] = []
 
-    @staticmethod
-    def wanted(path: str) -> bool:
-        parts = path_parts(path)
-        return bool(parts) and not _hidden(parts) and is_image_name(parts[-1]) and parts[-1].lower() not in _JUNK_FILES
-
-    def add_file(self, path: str, reader: Callable[[], bytes]) -> None:
-        if not self.wanted(path):
+    def add_file(self, path: str, reader: Reader) -> None:
+        if not is_picture(path):
             self.ignored += 1
             return
         self._check_utf8(path)
@@ -263,6 +230,13 @@ class _Listing:
                                 ) from None
 
 
+def is_picture(path: str) -> bool:
+    """Whether a file of the source is a picture to copy: an image file name, neither hidden nor a system file.
+    Only pictures count against the limits, so they are checked before the listing takes them."""
+    parts = path_parts(path)
+    return bool(parts) and not _hidden(parts) and is_image_name(parts[-1]) and parts[-1].lower() not in _JUNK_FILES
+
+
 def _hidden(parts: list[str]) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in parts)
 
@@ -272,7 +246,7 @@ def _printable(name: str) -> str:
     return name.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
-def _warn_special(listing: _Listing) -> None:
+def _warn_special(listing: Listing) -> None:
     if not listing.special:
         return
     shown = ", ".join(f"{entry['file']} ({entry['reason']})" for entry in listing.special[:_WARN_LISTED])
@@ -285,10 +259,10 @@ def _warn_special(listing: _Listing) -> None:
 # ---------------------------------------------------------------- folders
 
 
-def _list_folder(root: Path, label: str, limits: ArchiveLimits) -> _Listing:
+def _list_folder(root: Path, label: str, limits: ArchiveLimits) -> Listing:
     """Walk the folder depth first in sorted order. Links are followed to regular files and folders only, never
     into a folder that contains the link (a loop); hidden folders are not walked."""
-    listing, budget = _Listing(label), _Budget(label, limits, packed=None, folder=True)
+    listing, budget = Listing(label), _Budget(label, limits, packed=None, folder=True)
     pending = [("", root, frozenset({_identity(os.stat(root))}))]
     total = 0
     while pending:
@@ -297,7 +271,8 @@ def _list_folder(root: Path, label: str, limits: ArchiveLimits) -> _Listing:
         for entry in _entries(folder):
             path = f"{relative}/{entry.name}" if relative else entry.name
             if _hidden([entry.name]):
-                listing.ignored += 0 if entry.is_dir() else 1  # as before: hidden files count, hidden folders not
+                # ignored_files counts files: a hidden folder is one entry, and not walked to count what it holds
+                listing.ignored += 0 if entry.is_dir() else 1
                 continue
             target = _follow(entry, ancestors)
             if isinstance(target, str):
@@ -306,7 +281,7 @@ def _list_folder(root: Path, label: str, limits: ArchiveLimits) -> _Listing:
                 listing.add_dir(path)
                 subfolders.append((path, Path(entry.path), ancestors | {_identity(target)}))
             else:
-                if listing.wanted(path):
+                if is_picture(path):
                     budget.picture(_printable(entry.path), target.st_size)
                     budget.count()
                     total += target.st_size
@@ -360,8 +335,8 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
     except OSError as error:
         raise PipelineError(f"{_printable(str(path))}: cannot read file ({error.strerror or error})") from None
     if len(data) > max_bytes:
-        raise PipelineError(f"{_printable(str(path))}: grew over the limit of {max_bytes / 2**20:g} MB per image file "
-                            f"(data.limits.image_mb) while being read; raise it, or remove the file")
+        raise PipelineError(f"{_printable(str(path))}: grew over {byte_limit(max_bytes)} while being read; raise "
+                            f"it, or remove the file")
     return data
 
 
@@ -369,7 +344,7 @@ def _read_file(path: Path, max_bytes: int) -> bytes:
 
 
 def _list_archive(path: Path, label: str, stack: contextlib.ExitStack, sniff: bool, limits: ArchiveLimits,
-                  spool_dir: Path) -> _Listing:
+                  spool_dir: Path) -> Listing:
     """List an archive without extracting it (its members are read when they are copied). The type comes from
     the file name; for a URL whose name has no known extension (`sniff`), from the content."""
     lowered = path.name.lower()
@@ -392,8 +367,8 @@ def _is_tar(path: Path) -> bool:
         return False
 
 
-def _list_zip(archive: zipfile.ZipFile, label: str, budget: _Budget) -> _Listing:
-    listing = _Listing(label)
+def _list_zip(archive: zipfile.ZipFile, label: str, budget: _Budget) -> Listing:
+    listing = Listing(label)
     members = archive.infolist()
     budget.count(len(members))  # the central directory is read already; it costs the archive's size, no more
     unpacked = 0
@@ -406,7 +381,7 @@ def _list_zip(archive: zipfile.ZipFile, label: str, budget: _Budget) -> _Listing
         elif member.is_dir():
             listing.add_dir(name)
         else:
-            if listing.wanted(name):  # first: a member over a limit is named as such, not only the archive
+            if is_picture(name):  # first: a member over a limit is named as such, not only the archive
                 budget.picture(f"{label}: member {member.filename!r}", member.file_size, member.compress_size)
             unpacked += member.file_size
             budget.unpacked(unpacked, member.filename)
@@ -428,10 +403,10 @@ def _read_zip_member(archive: zipfile.ZipFile, member: zipfile.ZipInfo, label: s
 
 
 def _list_tar(path: Path, label: str, stack: contextlib.ExitStack, limits: ArchiveLimits,
-              spool_dir: Path) -> _Listing:
+              spool_dir: Path) -> Listing:
     """List a tar in one pass over its headers. The unpacked size so far is where the current member's data ends
     in the uncompressed stream (headers included): tarfile frames members by the sizes their headers declare."""
-    listing = _Listing(label)
+    listing = Listing(label)
     try:
         compressed = _is_compressed(path)
         budget = _Budget(label, limits, packed=path.stat().st_size if compressed else None)
@@ -444,7 +419,7 @@ def _list_tar(path: Path, label: str, stack: contextlib.ExitStack, limits: Archi
                 listing.ignored += 1  # links inside the archive are not followed
             elif member.isdir():
                 listing.add_dir(name)
-            elif member.isfile() and not listing.wanted(name):
+            elif member.isfile() and not is_picture(name):
                 listing.ignored += 1
             elif member.isfile():
                 budget.picture(f"{label}: member {member.name!r}", member.size)
@@ -462,7 +437,7 @@ def _is_compressed(path: Path) -> bool:
 
 
 def _tar_reader(archive: tarfile.TarFile, member: tarfile.TarInfo, label: str,
-                spool: IO[bytes] | None) -> Callable[[], bytes]:
+                spool: IO[bytes] | None) -> Reader:
     """A reader of the member's bytes. From an uncompressed tar it reads later, seeking to the member; from a
     compressed one (where seeking back means decompressing again from the start) the bytes are copied now, in
     stream order, to the end of the `spool` file, and read back from there."""
@@ -486,112 +461,3 @@ def _read_tar_member(archive: tarfile.TarFile, member: tarfile.TarInfo, label: s
 def _read_spooled(spool: IO[bytes], start: int, size: int) -> bytes:
     spool.seek(start)
     return spool.read(size)
-
-
-# ---------------------------------------------------------------- layout
-
-
-def _layout(listing: _Listing) -> tuple[str, Members, list[str]]:
-    """Check the folder structure and map canonical member names (train|test|all/<class>/<path>) to readers.
-    Returns (layout 'train/test' or 'flat', members, sorted class names)."""
-    label = listing.label
-    files = sorted(listing.files)
-    dirs = _all_folders(listing, files)
-    if not files:
-        raise PipelineError(f"{label}: no image files found ({', '.join(sorted(IMAGE_EXTENSIONS))}); expected "
-                            f"{_EXPECTED_LAYOUT}{_found(dirs, listing)}")
-    prefix = _wrapper_prefix(files, dirs)
-    inner_files = [name[len(prefix):] for name in files]
-    inner_dirs = {d[len(prefix):] for d in dirs if d.startswith(prefix) and d != prefix.rstrip("/")}
-    for name in inner_files:
-        if "/" not in name:
-            raise PipelineError(f"{label}: {prefix}{name} is not inside a class folder; expected "
-                                f"{_EXPECTED_LAYOUT}")
-    tops = sorted({name.split("/")[0] for name in inner_files} | {d.split("/")[0] for d in inner_dirs})
-    if {top.lower() for top in tops} & {"train", "test"}:
-        layout, (members, classes) = "train/test", _split_members(listing, prefix, tops, inner_files, inner_dirs)
-    else:
-        layout, (members, classes) = "flat", _flat_members(listing, prefix, inner_files, inner_dirs)
-    if len(classes) < 2:
-        raise PipelineError(f"{label}: found {len(classes)} class folder ({', '.join(classes)}); at least 2 "
-                            f"classes are needed; expected {_EXPECTED_LAYOUT}")
-    return layout, members, classes
-
-
-def _all_folders(listing: _Listing, files: list[str]) -> set[str]:
-    """Every folder of the source: those listed, those holding an image, and all their ancestors."""
-    dirs = set(listing.dirs) | {posixpath.dirname(name) for name in files} - {""}
-    dirs |= {"/".join(d.split("/")[:i]) for d in list(dirs) for i in range(1, d.count("/") + 1)}
-    return dirs
-
-
-def _wrapper_prefix(files: list[str], dirs: set[str]) -> str:
-    """'<top>/' when everything sits in one folder that wraps the layout, else ''."""
-    tops = {name.split("/")[0] for name in files} | {d.split("/")[0] for d in dirs}
-    if len(tops) == 1:
-        (top,) = tops
-        # One folder holding folders is a wrapper (e.g. cifar10-jpeg/train/...); one holding only images is a
-        # single class folder, reported as such by _layout.
-        if top.lower() not in ("train", "test") and any(name.count("/") >= 2 for name in files):
-            return top + "/"
-    return ""
-
-
-def _split_members(listing: _Listing, prefix: str, tops: list[str], inner_files: list[str],
-                   inner_dirs: set[str]) -> tuple[Members, list[str]]:
-    """The train/test layout: members `train|test/<class>/<path>` and the classes, which both splits share."""
-    label = listing.label
-    if sorted(top.lower() for top in tops) != ["test", "train"]:
-        raise PipelineError(f"{label}: found top-level folders {', '.join(prefix + t + '/' for t in tops)}; "
-                            f"expected {_EXPECTED_LAYOUT}")
-    members: Members = {}
-    class_sets = {}
-    for top in tops:
-        split = top.lower()
-        by_class = _classes(label, prefix + top + "/", [n[len(top) + 1:] for n in inner_files
-                                                        if n.startswith(top + "/")],
-                            {d[len(top) + 1:] for d in inner_dirs if d.startswith(top + "/")})
-        class_sets[split] = sorted(by_class)
-        for cls, names in by_class.items():
-            for rest in names:
-                members[f"{split}/{cls}/{rest}"] = listing.files[f"{prefix}{top}/{cls}/{rest}"]
-    if class_sets["train"] != class_sets["test"]:
-        only_train = sorted(set(class_sets["train"]) - set(class_sets["test"]))
-        only_test = sorted(set(class_sets["test"]) - set(class_sets["train"]))
-        raise PipelineError(f"{label}: train and test have different class folders (only in train: "
-                            f"{', '.join(only_train) or '-'}; only in test: {', '.join(only_test) or '-'}); "
-                            f"both need the same classes")
-    return members, class_sets["train"]
-
-
-def _flat_members(listing: _Listing, prefix: str, inner_files: list[str],
-                  inner_dirs: set[str]) -> tuple[Members, list[str]]:
-    """The flat layout: members `all/<class>/<path>` (normalize splits them by data.test_fraction)."""
-    by_class = _classes(listing.label, prefix, inner_files, inner_dirs)
-    members: Members = {}
-    for cls, names in by_class.items():
-        for rest in names:
-            members[f"all/{cls}/{rest}"] = listing.files[f"{prefix}{cls}/{rest}"]
-    return members, sorted(by_class)
-
-
-def _classes(label: str, where: str, names: list[str], dirs: set[str]) -> dict[str, list[str]]:
-    """Group `names` (paths below `where`) by class folder; every class folder must hold an image."""
-    by_class: dict[str, list[str]] = {}
-    for name in names:
-        if "/" not in name:
-            raise PipelineError(f"{label}: {where}{name} is not inside a class folder; expected {_EXPECTED_LAYOUT}")
-        cls, rest = name.split("/", 1)
-        by_class.setdefault(cls, []).append(rest)
-    empty = sorted({d.split("/")[0] for d in dirs} - set(by_class))
-    if empty:
-        raise PipelineError(f"{label}: class folder {where}{empty[0]}/ has no image files (expected "
-                            f"{', '.join(sorted(IMAGE_EXTENSIONS))}, any case)")
-    return dict(sorted(by_class.items()))
-
-
-def _found(dirs: set[str], listing: _Listing) -> str:
-    tops = sorted({d.split("/")[0] + "/" for d in dirs})
-    found = f"; found folders: {', '.join(tops[:10])}" if tops else "; found no folders"
-    return found + (f" and {listing.ignored} other files (not images, hidden or system files)"
-                    if listing.ignored else "")

@@ -30,8 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import ParseResult, urljoin, urlparse
 
-from stages.common import PipelineError, file_digest, human_size, log
-from stages.images import progress
+from stages.base.runtime import PipelineError, file_digest, human_size, log, progress
 
 RETRIES = 4          # extra attempts after a transient error (connection reset, timeout, HTTP 5xx)
 BACKOFF_S = 1.0      # first wait between attempts; doubles each time (1, 2, 4, 8 s)

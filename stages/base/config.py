@@ -1,5 +1,5 @@
-"""The one params schema. Every stage loads params.yaml through `load_params`, which checks the whole file
-before any expensive work: unknown keys (typos), missing keys, wrong types and out-of-range values all get a
+"""The params schema and its checks. Every stage loads params.yaml through `load_params` (read within a budget by
+stages/base/yamlfile.py), which checks the whole file before any expensive work: unknown keys (typos), missing keys, wrong types and out-of-range values all get a
 message that names the key, the value and what was expected.
 
 Relations between keys that would otherwise crash a stage late are checked too: each model's smallest input
@@ -7,10 +7,10 @@ Relations between keys that would otherwise crash a stage late are checked too: 
 image size (a reflected shift is exact only for shifts below the image size), and the seeds (data.seed, and every
 ensemble member's train.seed + index, at most SEED_MAX, so each generator seed derived from them fits 64 bits).
 A model, all ensemble members together, may hold at most MAX_PARAMETERS parameters (`parameter_count`), and a
-layer list at most MAX_LAYERS entries: a typo such as `widths: [64, 25600000]` is refused before it allocates;
-data.synthetic sizes are at most a million images. stages.common.load_checkpoint checks a checkpoint's fields with
-the same schema and limits (`check_checkpoint_fields`), so a crafted checkpoint cannot make predict or evaluate
-build a model beyond them, nor crash them with a missing or mistyped field."""
+layer list at most MAX_LAYERS entries (stages/base/specs.py): a typo such as `widths: [64, 25600000]` is refused
+before it allocates; data.synthetic sizes are at most a million images. stages/model/checkpoint.py checks a
+checkpoint's fields with the same schema and limits, so a crafted checkpoint cannot make predict or evaluate build a
+model beyond them, nor crash them with a missing or mistyped field."""
 
 from __future__ import annotations
 
@@ -22,39 +22,19 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import urlparse
 
-import yaml
-
-from stages.common import PipelineError
+from stages.base.runtime import ParamsError, brief
+from stages.base.specs import (IMAGE_SIZES, MAX_LAYERS, MODEL_CONFIG_EXTRAS, MODELS, PARAMS_FIELDS,
+                               RESOLUTION_FREE, check_model_fields, input_size_reason, min_input_size,
+                               model_config_of)
+from stages.base.yamlfile import read_yaml
 
 PARAMS_FILE = "params.yaml"
-MODELS = ("mlp", "cnn", "airnet", "resnet18")
+SEED_MAX = 2**32 - 1  # NumPy's seed range; train derives generator seeds up to seed * 1_000_003 + epoch (< 2**64)
 MONITORS = ("val_loss", "val_acc", "val_macro_f1")  # train.monitor: what model selection compares, per epoch
-RESOLUTION_FREE = ("cnn", "airnet")  # end in global pooling, so train.low_res can shrink their input
 URL_SCHEMES = ("http", "https", "file")
 # the train params that are phase lengths: a number of epochs, or "N%" of train.epochs (see Phase, phase_epochs)
 PHASE_KEYS = ("averaging_start", "airnet.whiten_bias_epochs", "low_res.epochs")
 PERCENTAGE = re.compile(r"(\d+(?:\.\d+)?)%")
-SEED_MAX = 2**32 - 1  # NumPy's seed range; train derives generator seeds up to seed * 1_000_003 + epoch (< 2**64)
-MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32 weights; the largest model here (resnet18) has 11 million
-MAX_LAYERS = 64  # entries of a hidden/channels/widths list
-LAYER_KEYS = {"mlp": "hidden", "cnn": "channels", "airnet": "widths"}  # each model's list of layer widths
-# train keys a checkpoint's model_config holds besides train.<model> (see model_config_of)
-MODEL_CONFIG_EXTRAS = {"resnet18": ("freeze_backbone",)}
-RESNET18_BACKBONE_PARAMETERS = 11_176_512  # torchvision's ResNet-18 without its final layer (512 x classes + bias)
-
-
-class ParamsError(PipelineError):
-    pass
-
-
-def _brief(value: Any, limit: int = 120) -> str:
-    """repr(value) for a message, cut to `limit` characters: a crafted file's field may be huge (and Python
-    refuses to print an integer of more than 4300 digits at all)."""
-    try:
-        text = repr(value)
-    except ValueError:
-        return f"an integer of {value.bit_length()} bits"
-    return text if len(text) <= limit else f"{text[:limit]}... ({type(value).__name__}, {len(text):,} characters)"
 
 
 @dataclass(frozen=True)
@@ -72,16 +52,16 @@ class Num:
             hint = ""
             if isinstance(value, str) and re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value.strip()):
                 hint = f" (YAML reads {value} as text: write it with a dot and a signed exponent, e.g. 1.0e-3)"
-            raise ParamsError(f"{key}: expected {kind}, got {_brief(value)}{hint}")
+            raise ParamsError(f"{key}: expected {kind}, got {brief(value)}{hint}")
         if self.integer and isinstance(value, float):
-            raise ParamsError(f"{key}: expected an integer, got {_brief(value)}")
+            raise ParamsError(f"{key}: expected an integer, got {brief(value)}")
         if value != value or value in (float("inf"), float("-inf")):
-            raise ParamsError(f"{key}: expected a finite number, got {_brief(value)}")
+            raise ParamsError(f"{key}: expected a finite number, got {brief(value)}")
         for bound, ok, word in ((self.ge, lambda b: value >= b, ">="), (self.gt, lambda b: value > b, ">"),
                                 (self.le, lambda b: value <= b, "<="), (self.lt, lambda b: value < b, "<")):
             if bound is not None and not ok(bound):
                 shown = bound if isinstance(bound, int) else f"{bound:g}"
-                raise ParamsError(f"{key}: expected a value {word} {shown}, got {_brief(value)}")
+                raise ParamsError(f"{key}: expected a value {word} {shown}, got {brief(value)}")
         return value
 
 
@@ -91,7 +71,7 @@ class Choice:
 
     def check(self, key: str, value: Any) -> Any:
         if isinstance(value, bool) or value not in self.options:
-            raise ParamsError(f"{key}: expected one of {', '.join(map(str, self.options))}; got {_brief(value)}")
+            raise ParamsError(f"{key}: expected one of {', '.join(map(str, self.options))}; got {brief(value)}")
         return value
 
 
@@ -99,7 +79,7 @@ class Choice:
 class Bool:
     def check(self, key: str, value: Any) -> Any:
         if not isinstance(value, bool):
-            raise ParamsError(f"{key}: expected true or false, got {_brief(value)}")
+            raise ParamsError(f"{key}: expected true or false, got {brief(value)}")
         return value
 
 
@@ -108,12 +88,16 @@ class Text:
     pattern: str | None = None
     describe: str = "text"
     optional: bool = False  # null (YAML `null`/`~`) allowed
+    max_length: int = 4096  # a path or URL; longer text is a mistake that would otherwise fill messages
 
     def check(self, key: str, value: Any) -> Any:
         if value is None and self.optional:
             return None
+        if isinstance(value, str) and len(value) > self.max_length:
+            raise ParamsError(f"{key}: expected {self.describe} of at most {self.max_length:,} characters, got "
+                              f"{brief(value)}")
         if not isinstance(value, str) or not value or (self.pattern and not re.fullmatch(self.pattern, value)):
-            raise ParamsError(f"{key}: expected {self.describe}, got {_brief(value)}")
+            raise ParamsError(f"{key}: expected {self.describe}, got {brief(value)}")
         return value
 
 
@@ -127,7 +111,7 @@ class IntList:
         if (not isinstance(value, list) or len(value) < self.min_len
                 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= self.ge for v in value)):
             raise ParamsError(f"{key}: expected a list of at least {self.min_len} integers >= {self.ge}, "
-                              f"got {_brief(value)}")
+                              f"got {brief(value)}")
         if len(value) > self.max_len:
             raise ParamsError(f"{key}: expected at most {self.max_len} entries, got {len(value)}")
         return value
@@ -146,7 +130,7 @@ class Phase:
             valid = (isinstance(value, (int, float)) and not isinstance(value, bool)  # ints: isfinite overflows
                      and (isinstance(value, int) or math.isfinite(value)) and value >= 0)
         if not valid:
-            raise ParamsError(f"{key}: {_brief(value)}: expected a number of epochs >= 0 or a percentage of "
+            raise ParamsError(f"{key}: {brief(value)}: expected a number of epochs >= 0 or a percentage of "
                               "train.epochs such as '30%'")
         return value
 
@@ -158,7 +142,7 @@ SCHEMA: dict[str, Any] = {
         "sha256": Text(pattern=r"[0-9a-fA-F]{64}", describe="null or 64 hex digits", optional=True),
         "synthetic": {"train_size": Num(integer=True, ge=20, le=1_000_000),  # 3 GB of 32x32 images
                       "test_size": Num(integer=True, ge=10, le=1_000_000)},
-        "image_size": Num(integer=True, ge=8, le=1024),
+        "image_size": Num(integer=True, ge=IMAGE_SIZES.start, le=IMAGE_SIZES.stop - 1),
         "on_error": Choice(("raise", "skip")),
         "test_fraction": Num(gt=0, lt=1),
         "val_fraction": Num(ge=0, lt=1),
@@ -208,30 +192,33 @@ SCHEMA: dict[str, Any] = {
         "nproc": Num(integer=True, ge=1),
     },
     "evaluate": {"batch_size": Num(integer=True, ge=1), "tta": Choice((1, 2, 6)), "top_k": Num(integer=True, ge=1)},
-    "report": {"samples": Num(integer=True, ge=0, le=100), "baseline": Text(describe="a git revision", optional=True)},
+    # report.baseline: a revision as git names one, never an option (no leading '-'); a missing one is skipped
+    "report": {"samples": Num(integer=True, ge=0, le=100),
+               "baseline": Text(pattern=r"[\w./@{}~^:+][\w./@{}~^:+-]*", optional=True, max_length=255,
+                                describe="null or a git revision (a branch, tag or commit)")},
     # opset 18 is the lowest torch's ONNX exporter writes; the tolerance is relative to 1 + |logit|
     "export": {"opset": Num(integer=True, ge=18, le=99), "check_images": Num(integer=True, ge=1, le=100_000),
                "tolerance": Num(gt=0, lt=1)},
 }
 
 
-def _check_section(prefix: str, schema: dict[str, Any], values: Any, source: str = PARAMS_FILE) -> None:
+def check_section(prefix: str, schema: dict[str, Any], values: Any, source: str = PARAMS_FILE) -> None:
     """Check `values` against `schema`; `source` names where they come from in the unknown/missing key messages."""
     if not isinstance(values, dict):
-        raise ParamsError(f"{prefix or 'params'}: expected a mapping of keys, got {_brief(values)}")
+        raise ParamsError(f"{prefix or 'params'}: expected a mapping of keys, got {brief(values)}")
     for key in values:
         if key not in schema:
             name = f"{prefix}.{key}" if prefix else str(key)
             close = difflib.get_close_matches(str(key), list(schema), n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ParamsError(f"unknown key {_brief(name)} in {source}{hint}; valid keys"
+            raise ParamsError(f"unknown key {brief(name)} in {source}{hint}; valid keys"
                               f"{' in ' + prefix if prefix else ''}: {', '.join(schema)}")
     for key, rule in schema.items():
         name = f"{prefix}.{key}" if prefix else key
         if key not in values:
             raise ParamsError(f"missing key {name!r} in {source}")
         if isinstance(rule, dict):
-            _check_section(name, rule, values[key], source)
+            check_section(name, rule, values[key], source)
         else:
             rule.check(name, values[key])
 
@@ -278,10 +265,10 @@ def _check_training_relations(params: dict[str, Any]) -> None:
             fix = (f"expected {smallest} to {image_size - 1}, or 0 (off)" if smallest < image_size
                    else "set it to 0 (off)")
             raise ParamsError(f"train.low_res.size: {low_res} px is too small for {model}, which needs at least "
-                              f"{smallest} px ({_input_size_reason(model, config, image_size, PARAMS_FIELDS)}); "
+                              f"{smallest} px ({input_size_reason(model, config, image_size, PARAMS_FIELDS)}); "
                               f"{fix}")
     translate = train["augment"]["translate"]
-    if translate > image_size - 1:  # stages.augment reflects each index once: exact for shifts below the size
+    if translate > image_size - 1:  # stages.dataset.augment reflects each index once: exact for shifts below the size
         raise ParamsError(f"train.augment.translate: {translate} px does not fit {image_size} px images "
                           f"(data.image_size); expected at most {image_size - 1}")
     if train["augment"]["cutout"] > image_size:
@@ -294,145 +281,27 @@ def _check_training_relations(params: dict[str, Any]) -> None:
                           f"(train.seed + member index); expected train.seed + train.ensemble - 1 <= {SEED_MAX}")
 
 
+def selection_keys(train_cfg: dict[str, Any]) -> list[str]:
+    """The train settings that compare epochs by train.monitor on the validation split, as "train.keep: best"
+    and "train.patience: N"; empty when selection is off (keep: last, patience: 0)."""
+    return [f"train.{key}: {train_cfg[key]}" for key, on in (("keep", train_cfg["keep"] == "best"),
+                                                             ("patience", train_cfg["patience"] > 0)) if on]
+
+
 def _check_selection(params: dict[str, Any]) -> None:
-    """train.keep: best and train.patience compare epochs on the validation split, so they need one (train checks
-    at its start that the split it reads has images, and of 2 classes for val_macro_f1)."""
-    train = params["train"]
-    users = [f"train.{key}: {train[key]}" for key, on in (("keep", train["keep"] == "best"),
-                                                          ("patience", train["patience"] > 0)) if on]
+    """Selection (selection_keys) needs a validation split (train checks at its start that the split it reads has
+    images, and of 2 classes for val_macro_f1)."""
+    users = selection_keys(params["train"])
     if users and params["data"]["val_fraction"] == 0:
         raise ParamsError(f"{' and '.join(users)} compare{'s' if len(users) == 1 else ''} epochs by "
-                          f"train.monitor ({train['monitor']}) on the validation split, but data.val_fraction is 0 "
-                          f"(no validation split); set data.val_fraction (e.g. 0.1), or train.keep: last and "
-                          f"train.patience: 0")
-
-
-# ---------------------------------------------------------------- model sizes (stages.models builds the models)
-
-
-@dataclass(frozen=True)
-class ModelFields:
-    """What the model messages call the model's settings: the params.yaml keys, or a checkpoint's fields."""
-    config: str  # the architecture's settings; "{model}" is replaced by the model's name
-    image_size: str
-    members: str  # the ensemble size
-
-
-PARAMS_FIELDS = ModelFields(config="train.{model}", image_size="data.image_size", members="train.ensemble")
-CHECKPOINT_FIELDS = ModelFields(config="model_config", image_size="image_size", members="state_dicts")
+                          f"train.monitor ({params['train']['monitor']}) on the validation split, but "
+                          f"data.val_fraction is 0 (no validation split); set data.val_fraction (e.g. 0.1), or "
+                          f"train.keep: last and train.patience: 0")
 
 
 def model_config_schema(model: str) -> dict[str, Any]:
-    """The schema of a model's stored settings (stages.models.model_config): train.<model> and its extras."""
+    """The schema of a model's stored settings (stages.base.specs.model_config_of): train.<model> and its extras."""
     return {**SCHEMA["train"][model], **{key: SCHEMA["train"][key] for key in MODEL_CONFIG_EXTRAS.get(model, ())}}
-
-
-def model_config_of(train: dict[str, Any]) -> dict[str, Any]:
-    """The settings of train.model as its checkpoint stores them (train.<model> and its MODEL_CONFIG_EXTRAS)."""
-    model = train["model"]
-    return {**train[model], **{key: train[key] for key in MODEL_CONFIG_EXTRAS.get(model, ())}}
-
-
-def cnn_pools(channels: list[int], image_size: int) -> int:
-    """How many 2x2 max-pools make_cnn builds for `image_size` images: one per block while 2 px or more are left."""
-    pools = 0
-    while pools < len(channels) and image_size >= 2:
-        image_size //= 2
-        pools += 1
-    return pools
-
-
-def min_input_size(model: str, config: dict[str, Any], image_size: int) -> int:
-    """The smallest input side in pixels that the network built for `image_size` images runs on. A cnn needs one
-    pixel left after each of its pools; airnet's 2x2 stem takes one pixel and each of its blocks halves the rest;
-    the mlp only ever sees image_size, and resnet18 resizes its input to input_size first. tests/test_models.py
-    runs every model at this size and one pixel below, so the formulas follow stages.models."""
-    if model == "cnn":
-        return 2 ** cnn_pools(config["channels"], image_size)
-    if model == "airnet":
-        return 2 ** len(config["widths"]) + 1
-    return 1
-
-
-def parameter_count(model: str, config: dict[str, Any], image_size: int, classes: int) -> int:
-    """The number of parameters stages.models builds (checked against torch in tests/test_models.py): without
-    torch, so a params typo or a crafted checkpoint is refused before any allocation."""
-    if model == "mlp":
-        widths = [3 * image_size**2, *config["hidden"], classes]
-        return sum(a * b + b for a, b in zip(widths, widths[1:]))  # Linear layers with bias
-    if model == "cnn":
-        widths = [3, *config["channels"]]
-        blocks = sum(9 * a * b + 2 * b for a, b in zip(widths, widths[1:]))  # 3x3 conv without bias, BatchNorm
-        return blocks + widths[-1] * classes + classes
-    if model == "airnet":
-        widths = [24, *config["widths"]]  # the stem: 24 filters of 3x2x2 with bias
-        blocks = sum(9 * a * b + 9 * b * b + 4 * b for a, b in zip(widths, widths[1:]))  # two convs, two BatchNorms
-        return 24 * 12 + 24 + blocks + widths[-1] * classes  # the head has no bias
-    return RESNET18_BACKBONE_PARAMETERS + 512 * classes + classes
-
-
-def _layers_key(model: str, fields: ModelFields) -> str:
-    """The key of `model`'s list of layer widths (train.airnet.widths, model_config.widths, ...)."""
-    return f"{fields.config.format(model=model)}.{LAYER_KEYS[model]}"
-
-
-def _input_size_reason(model: str, config: dict[str, Any], image_size: int, fields: ModelFields) -> str:
-    """Why `model` needs its minimum input size (only cnn and airnet have one), for a message."""
-    if model == "airnet":
-        return f"a 2x2 stem, then {len(config['widths'])} blocks that halve the image: {_layers_key(model, fields)}"
-    return f"{cnn_pools(config['channels'], image_size)} 2x2 max-pools: {_layers_key(model, fields)}"
-
-
-def check_model_fields(model: str, config: dict[str, Any], image_size: int, classes: int, members: int,
-                       fields: ModelFields) -> None:
-    """A model that can be built: images at least its minimum input size, and at most MAX_PARAMETERS parameters
-    over all `members` (ensemble members). `config` has passed model_config_schema."""
-    smallest = min_input_size(model, config, image_size)
-    if image_size < smallest:
-        raise ParamsError(f"{fields.image_size}: {image_size} px is too small for {model}, which needs at least "
-                          f"{smallest} px ({_input_size_reason(model, config, image_size, fields)})")
-    count = parameter_count(model, config, image_size, classes)
-    if count * members > MAX_PARAMETERS:
-        size = f"{count:,} parameters" + (f" per member, {count * members:,} for {members}" if members > 1 else "")
-        if model in LAYER_KEYS:
-            what = (f"{_layers_key(model, fields)}: {config[LAYER_KEYS[model]]} on {image_size} px images "
-                    f"({fields.image_size}) gives {model} {size}")
-        else:
-            what = f"{fields.members}: {members} members of {model} have {size}"
-        raise ParamsError(f"{what}; expected at most {MAX_PARAMETERS:,} in all: use fewer or narrower layers, "
-                          "smaller images or fewer ensemble members")
-
-
-def _check_three_numbers(key: str, value: Any, positive: bool) -> None:
-    """A checkpoint's per-channel mean or std (of pixels scaled to 0..1): three numbers of magnitude <= 1e6, which
-    also refuses NaN, infinities and integers too large for a float tensor; > 0 for std, which divides."""
-    fine = (isinstance(value, (list, tuple)) and len(value) == 3
-            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and -1e6 <= v <= 1e6
-                    and (v > 0 or not positive) for v in value))
-    if not fine:
-        raise ParamsError(f"{key}: expected three numbers{' > 0' if positive else ''} of magnitude at most 1e6 "
-                          f"(one per colour channel), got {_brief(value)}")
-
-
-def check_checkpoint_fields(checkpoint: dict[str, Any]) -> None:
-    """The fields of a model checkpoint (stages.common.make_checkpoint) that rebuild and feed its model, checked
-    with the params schema: model_config as train.<model>, image_size as data.image_size, and the model sizes as
-    for params (check_model_fields). `state_dicts` is a non-empty list already (stages.common checks its tensors)."""
-    model = Choice(MODELS).check("model", checkpoint["model"])
-    _check_section("model_config", model_config_schema(model), checkpoint["model_config"], "the checkpoint")
-    image_size = SCHEMA["data"]["image_size"].check("image_size", checkpoint["image_size"])
-    classes = checkpoint["classes"]
-    if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes)
-            or len(set(classes)) < len(classes)):
-        raise ParamsError(f"classes: expected a list of at least 2 distinct class names (text), "
-                          f"got {_brief(classes)}")
-    _check_three_numbers("mean", checkpoint["mean"], positive=False)
-    _check_three_numbers("std", checkpoint["std"], positive=True)
-    for key in ("train", "pretrained"):  # optional: how the model was trained, and from which weights
-        if checkpoint.get(key) is not None and not isinstance(checkpoint[key], dict):
-            raise ParamsError(f"{key}: expected a mapping or null, got {type(checkpoint[key]).__name__}")
-    check_model_fields(model, checkpoint["model_config"], image_size, len(classes), len(checkpoint["state_dicts"]),
-                       CHECKPOINT_FIELDS)
 
 
 def phase_epochs(value: float | str, epochs: float) -> float:
@@ -457,21 +326,14 @@ def resolve_phases(train: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate(params: Any) -> dict[str, Any]:
-    _check_section("", SCHEMA, params)
+    check_section("", SCHEMA, params)
     _check_relations(params)
     _check_training_relations(params)
     return params
 
 
 def load_params(path: str | Path = PARAMS_FILE) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise ParamsError(f"{path} not found: run the stages from the repository root")
-    try:
-        params = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise ParamsError(f"{path} is not valid YAML: {error}") from None
-    return validate(params)
+    return validate(read_yaml(path, "the pipeline's params"))
 
 
 def set_dotted(params: dict[str, Any], dotted: str, value: Any) -> None:

@@ -1,9 +1,10 @@
-"""What an image file is, and how Pillow turns one into RGB: the rules that stages.images (training data and
-predict on torch) and stages.deploy (predict on ONNX Runtime, without torch) share. Pillow and numpy only.
+"""What an image file is, and how Pillow turns one into RGB: the rules that stages.dataset.images (training data
+and predict on torch) and stages.model.deploy (predict on ONNX Runtime, without torch) share. Pillow and numpy only.
 
 - IMAGE_EXTENSIONS decides which files of a folder are images; the format itself is taken from the content, and
   only PILLOW_FORMATS' decoders are ever asked (EPS would run Ghostscript; dozens of other plugins are rarely used).
-- MAX_PIXELS / MAX_BYTES are the default limits (params.yaml's data.limits.image_megapixels and image_mb).
+- MAX_PIXELS / MAX_BYTES are the default limits (params.yaml's data.limits.image_megapixels and image_mb);
+  over_byte_limit words a refusal by the byte limit the same way wherever a file is refused.
 - to_rgb: 16-bit grey scaled to 8 bits, float grey clipped, transparency composited onto white, the rest by
   Pillow's own conversion."""
 
@@ -29,6 +30,17 @@ _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 
 def is_image_name(name: str) -> bool:
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+
+
+def byte_limit(max_bytes: int) -> str:
+    """The per-file byte limit as every refusal names it, with the param that raises it."""
+    return f"the limit of {max_bytes / 2**20:g} MB per image file (data.limits.image_mb)"
+
+
+def over_byte_limit(size: int, max_bytes: int) -> str:
+    """Why a file of `size` bytes is refused. The exact count, not a rounded size: the reason lands in
+    meta.json's skipped files, where a rounded size would hide by how much the file is over."""
+    return f"{size:,} bytes, over {byte_limit(max_bytes)}"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -21,10 +21,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.augment import tta_views
-from stages.common import PipelineError, cpu_supports_bf16, file_digest, load_torch
-# the architecture's settings as the checkpoint stores them; defined beside the schema that checks them on loading
-from stages.config import model_config_of as model_config  # noqa: F401  (re-exported)
+from stages.base.runtime import PipelineError, file_digest
+from stages.base.specs import CONV_NETS
+from stages.dataset.augment import tta_views
+from stages.model.precision import autocast_dtype
+from stages.model.tensors import load_torch
 
 
 class Normalize(nn.Module):
@@ -126,6 +127,7 @@ class ConvBlock(nn.Module):
 
 class AirNet(nn.Module):
     WHITEN_KERNEL = 2
+    DEAD_VARIANCE = 0.05  # whitened output variance below which a stem direction is switched off (init_from_data)
 
     def __init__(self, num_classes: int, image_size: int, widths: list[int], whiten_bias_epochs: float) -> None:
         super().__init__()
@@ -142,16 +144,32 @@ class AirNet(nn.Module):
         self.act = nn.GELU()
 
     @torch.no_grad()
-    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> None:
+    def init_from_data(self, images: torch.Tensor, eps: float = 5e-4) -> int:
         """Set the stem to whiten 2x2 patches: its filters are the patch covariance's eigenvectors scaled by
-        1/sqrt(eigenvalue), so the first layer sees decorrelated, unit-variance inputs."""
+        1/sqrt(eigenvalue + eps), so the first layer sees decorrelated inputs of (at most) unit variance. Returns
+        how many of the 12 directions carry signal.
+
+        A direction in which the images hardly vary (equal colour channels: grayscale pictures, scans; constant
+        borders) gives a filter whose output is ~0 on every image, while its bias trains at the BatchNorm learning
+        rate (train.bias_lr_scale) with nothing to anchor it: it drifts by hundreds, and eval-mode BatchNorm,
+        lagging behind, sends every image to one class. Zeroing such a filter is no better (the next BatchNorm
+        then divides a zero-variance channel's gradient by sqrt(eps)). So each such filter is replaced by a copy of
+        a filter that carries signal, strongest first: a duplicate channel is harmless, and its bias is anchored
+        like every other. Natural RGB images keep every direction (on CIFAR-10 the weakest one's whitened variance
+        is about 0.19, far above DEAD_VARIANCE), so their training is unchanged."""
         k = self.WHITEN_KERNEL
         patches = images.float().unfold(2, k, 1).unfold(3, k, 1).transpose(1, 3).reshape(-1, 3 * k * k).double()
         covariance = patches.T @ patches / patches.shape[0]
         eigenvalues, eigenvectors = torch.linalg.eigh(covariance)
         filters = (eigenvectors.T / torch.sqrt(eigenvalues.clamp_min(0) + eps)[:, None]).flip(0)
+        whitened_variance = (eigenvalues.clamp_min(0) / (eigenvalues.clamp_min(0) + eps)).flip(0)
+        live = torch.nonzero(whitened_variance >= self.DEAD_VARIANCE).flatten()
+        dead = torch.nonzero(whitened_variance < self.DEAD_VARIANCE).flatten()
+        if len(live) and len(dead):
+            filters[dead] = filters[live[torch.arange(len(dead)) % len(live)]]
         filters = filters.reshape(-1, 3, k, k).float()
         self.whiten.weight.copy_(torch.cat([filters, -filters]))
+        return len(live)
 
     def on_epoch_start(self, epoch: int) -> None:
         self.whiten.bias.requires_grad_(epoch < self.whiten_bias_epochs)
@@ -219,7 +237,6 @@ BUILDERS = {
     "airnet": lambda classes, size, cfg: AirNet(classes, size, cfg["widths"], cfg["whiten_bias_epochs"]),
     "resnet18": lambda classes, size, cfg: ResNet18(classes, size, cfg["input_size"], cfg["freeze_backbone"]),
 }
-CONV_NETS = ("cnn", "airnet", "resnet18")
 
 
 def build_model(name: str, config: dict[str, Any], num_classes: int, image_size: int,
@@ -249,7 +266,7 @@ def load_pretrained(model: ImageClassifier, path: str) -> dict[str, str]:
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> ImageClassifier | Ensemble:
-    """Rebuild the trained model from a checkpoint loaded with stages.common.load_checkpoint, in eval mode: an
+    """Rebuild the trained model from a checkpoint loaded with stages.model.checkpoint.load_checkpoint, in eval mode: an
     `Ensemble` when the checkpoint holds several members."""
     members = []
     for state_dict in checkpoint["state_dicts"]:
@@ -271,19 +288,6 @@ def bias_and_norm_parameters(model: nn.Module) -> set[int]:
 
 
 # ---------------------------------------------------------------- precision and inference
-
-
-def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for `train.precision` on `device`, or None for plain fp32.
-    auto: bf16 on CPUs with native bf16 kernels (AVX512-BF16/AMX) and on CUDA GPUs that support it, fp16 AMP on
-    older GPUs, fp32 elsewhere (emulated bf16 is slower than fp32)."""
-    if precision == "fp32" or device.type == "mps":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.bfloat16 if cpu_supports_bf16() else None
 
 
 @dataclass(frozen=True)

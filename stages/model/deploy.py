@@ -3,139 +3,54 @@ imports numpy, Pillow and onnxruntime only (never torch, nor a stages module tha
 those three packages and this package's folder: `python -m stages.predict models/model.onnx photo.jpg` runs
 through here (tests/test_export.py runs it with torch made unimportable).
 
-- Images are decoded by the rules of stages.images (the formats it reads, by content; its default limits; the
-  first frame; EXIF rotation; its RGB conversion, transparency onto white; the centre square), with Pillow only;
-  the formats, limits and RGB conversion are the same code (stages/imagefiles.py).
+- Images are decoded by the rules of stages/dataset/images.py (the formats it reads, by content; its default
+  limits; the first frame; EXIF rotation; its RGB conversion, transparency onto white; the centre square), with
+  Pillow only; the formats, limits and RGB conversion are the same code (stages/dataset/imagefiles.py).
   The one difference is the resize of that square: Pillow's bilinear filter (antialiased when shrinking) instead
   of torchvision's, the same algorithm with other rounding: a resized image may differ by 1 (of 255) in a few
   percent of its pixel values; one that needs no resize, or is enlarged, comes out identical. (tests/test_export.py
-  checks both against stages.images.)
+  checks both against stages/dataset/images.py.)
 - OnnxClassifier checks a model before running it: the export stage's metadata (format, class names, image size),
   one uint8 input [batch, 3, S, S] and one float output [batch, classes]. A .onnx from elsewhere is refused with
   one message that says what it has and what is expected.
-- DeployError plays the part of stages.common.PipelineError (which cannot be imported without torch): run_cli
-  prints it as one line `error: ...` and exits with status 2.
+- Every refusal is a PipelineError of the torch-free stages/base/runtime.py, which run_stage prints as one line
+  `error: ...` (exit status 2), as for any stage.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import sys
-import tempfile
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from stages.imagefiles import (IMAGE_EXTENSIONS, MAX_BYTES, MAX_PIXELS, NOT_AN_IMAGE, PILLOW_FORMATS,  # noqa: F401
-                               is_image_name, to_rgb)
+from stages.base.runtime import PipelineError, first_line
+from stages.base.specs import IMAGE_SIZES
+from stages.dataset.imagefiles import (IMAGE_EXTENSIONS, MAX_BYTES, MAX_PIXELS, NOT_AN_IMAGE,  # noqa: F401
+                                       PILLOW_FORMATS, is_image_name, over_byte_limit, to_rgb)
 
 ONNX_FORMAT = "cifar-pipeline/onnx/1"  # metadata "format" of the export stage's model.onnx
 INPUT_NAME, OUTPUT_NAME = "images", "logits"
-IMAGE_SIZES = range(8, 1025)  # data.image_size's range (stages.config)
 
 
-_UMASK = os.umask(0)
-os.umask(_UMASK)
-
-
-class DeployError(Exception):
-    """A mistake a user can make (a wrong model file, an unreadable image): one line, no traceback."""
-
-
-def run_cli(main: Callable[[], None]) -> None:
-    """Run `main`, printing a DeployError or a failed file operation as one line `error: ...` (exit status 2)."""
-    try:
-        main()
-    except DeployError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except OSError as error:
-        where = f"{error.filename}: " if error.filename else ""
-        print(f"error: {where}{error.strerror or error}", file=sys.stderr, flush=True)
-        sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
-        sys.exit(130)
-
-
-def first_line(error: BaseException) -> str:
-    """The informative first line of a library's error, without terminal colour codes."""
-    lines = [re.sub(r"\x1b\[[0-9;]*m", "", line).strip() for line in str(error).splitlines()]
-    return next((line for line in lines if line), type(error).__name__)
-
-
-def write_text(path: str | Path, text: str) -> None:
-    """Write `text` to a temporary file beside `path`, then rename it over `path`: never half a file."""
-    path = Path(path)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as error:
-        error.filename = str(path)
-        raise
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(text.encode("utf-8"))
-        os.chmod(temporary, 0o666 & ~_UMASK)  # mkstemp makes files owner-only
-        os.replace(temporary, path)
-    except BaseException as error:
-        Path(temporary).unlink(missing_ok=True)
-        if isinstance(error, OSError):
-            error.filename = str(path)
-        raise
-
-
-def decode_workers() -> int:
-    """CPUs this process may run on (respects taskset/cgroup affinity where the OS reports it)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-class _NoProgress:
-    def __enter__(self) -> "_NoProgress":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        return None
-
-    def update(self, count: int) -> None:
-        return None
-
-
-def progress(total: int, desc: str, disable: bool) -> Any:
-    """A tqdm bar on stderr (at most every 30 s in CI logs) where tqdm is installed; a deployment may lack it."""
-    try:
-        from tqdm import tqdm
-    except ImportError:
-        return _NoProgress()
-    return tqdm(total=total, desc=desc, unit="img", mininterval=0.5 if sys.stderr.isatty() else 30,
-                dynamic_ncols=True, disable=disable)
-
-
-# ---------------------------------------------------------------- images (the rules of stages.images)
+# ---------------------------------------------------------------- images (the rules of stages/dataset/images.py)
 
 
 def read_image_file(path: str | Path) -> bytes:
     """A regular file's bytes, refused before reading when it is over the byte limit."""
     path = Path(path)
     if not path.is_file():
-        raise DeployError(f"{path}: image file not found" if not path.exists() else f"{path}: not a regular file")
+        raise PipelineError(f"{path}: image file not found" if not path.exists() else f"{path}: not a regular file")
     try:
         if path.stat().st_size > MAX_BYTES:
-            raise DeployError(f"{path}: cannot read image ({_over_byte_limit(path.stat().st_size)})")
+            raise PipelineError(f"{path}: cannot read image ({over_byte_limit(path.stat().st_size, MAX_BYTES)})")
         return path.read_bytes()
     except OSError as error:
-        raise DeployError(f"{path}: cannot read file ({error.strerror or error})") from None
-
-
-def _over_byte_limit(size: int) -> str:
-    return f"{size:,} bytes, over the limit of {MAX_BYTES / 2**20:g} MB per image file (data.limits.image_mb)"
+        raise PipelineError(f"{path}: cannot read file ({error.strerror or error})") from None
 
 
 class _Refused(Exception):
@@ -147,14 +62,14 @@ def _decode_rgb(data: bytes, size: int) -> Image.Image:
     if not data:
         raise _Refused("empty file")
     if len(data) > MAX_BYTES:
-        raise _Refused(_over_byte_limit(len(data)))
+        raise _Refused(over_byte_limit(len(data), MAX_BYTES))
     with Image.open(io.BytesIO(data), formats=PILLOW_FORMATS) as image:
         width, height = image.size
         if width * height > MAX_PIXELS:
             raise _Refused(f"{width}x{height} pixels, over the limit of {MAX_PIXELS / 1e6:g} megapixels per image "
                            "(data.limits.image_megapixels)")
         if image.format == "JPEG" and min(width, height) >= 2 * size:
-            image.draft("RGB", (size, size))  # libjpeg's reduced DCT scale, as stages.images decodes big JPEGs
+            image.draft("RGB", (size, size))  # libjpeg's reduced DCT scale, as stages/dataset/images.py does
         image.load()  # the first frame of an animated file
         return to_rgb(ImageOps.exif_transpose(image))
 
@@ -171,7 +86,7 @@ def _square(rgb: Image.Image, size: int) -> np.ndarray:
 
 
 def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
-    """One image file's bytes -> uint8 3 x size x size; DeployError `<name>: cannot read image (<reason>)`."""
+    """One image file's bytes -> uint8 3 x size x size; PipelineError `<name>: cannot read image (<reason>)`."""
     try:
         return _square(_decode_rgb(data, size), size)
     except _Refused as refused:
@@ -180,7 +95,7 @@ def decode_image(data: bytes, size: int, name: str) -> np.ndarray:
         reason = NOT_AN_IMAGE
     except Exception as error:  # Pillow raises OSError, SyntaxError, ValueError, struct.error... by file type
         reason = re.sub(r"\s*<[^<>]* at 0x[0-9a-fA-F]+>", "", first_line(error))  # no object addresses
-    raise DeployError(f"{name}: cannot read image ({reason})")
+    raise PipelineError(f"{name}: cannot read image ({reason})")
 
 
 def load_image(path: str | Path, size: int) -> np.ndarray:
@@ -194,8 +109,8 @@ def _onnxruntime() -> Any:
     try:
         import onnxruntime
     except ImportError:
-        raise DeployError("onnxruntime is not installed: pip install onnxruntime (or the project's extra: "
-                          "pip install -e '.[export]')") from None
+        raise PipelineError("onnxruntime is not installed: pip install onnxruntime (or the project's extra: "
+                            "pip install -e '.[export]')") from None
     return onnxruntime
 
 
@@ -214,7 +129,7 @@ class OnnxClassifier:
         ort = _onnxruntime()
         self.name = name
         if not isinstance(model, bytes) and not Path(model).is_file():
-            raise DeployError(f"{name}: ONNX model not found")
+            raise PipelineError(f"{name}: ONNX model not found")
         options = ort.SessionOptions()
         options.log_severity_level = 3  # errors only
         options.intra_op_num_threads = threads
@@ -222,14 +137,14 @@ class OnnxClassifier:
             self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
                                                 providers=["CPUExecutionProvider"])
         except Exception as error:  # ONNX Runtime raises its own classes (InvalidProtobuf, Fail, ...) by case
-            raise DeployError(f"{name}: cannot load the ONNX model ({first_line(error)})") from None
+            raise PipelineError(f"{name}: cannot load the ONNX model ({first_line(error)})") from None
         inputs, outputs = self.session.get_inputs(), self.session.get_outputs()
         metadata = self.session.get_modelmeta().custom_metadata_map
         if metadata.get("format") != ONNX_FORMAT:
             found = ", ".join(f"{i.name!r} {_describe(i)}" for i in inputs) or "none"
-            raise DeployError(f"{name}: not an ONNX model exported by this pipeline: its metadata has no format "
-                              f"{ONNX_FORMAT!r} (the export stage writes the class names and image size there); "
-                              f"its inputs: {found}; the export stage writes one, uint8 [batch, 3, S, S]")
+            raise PipelineError(f"{name}: not an ONNX model exported by this pipeline: its metadata has no format "
+                                f"{ONNX_FORMAT!r} (the export stage writes the class names and image size there); "
+                                f"its inputs: {found}; the export stage writes one, uint8 [batch, 3, S, S]")
         self.classes, self.image_size = _classes_and_size(metadata, name)
         self._check_arguments(inputs, outputs)
         self.input_name, self.output_name = inputs[0].name, outputs[0].name
@@ -240,15 +155,15 @@ class OnnxClassifier:
         if not (len(inputs) == 1 and inputs[0].type == "tensor(uint8)" and len(shape) == 4
                 and not isinstance(shape[0], int) and shape[1:] == [3, size, size]):
             found = ", ".join(f"{i.name!r} {_describe(i)}" for i in inputs) or "none"
-            raise DeployError(f"{self.name}: wrong input: {found}; expected one input, uint8 [batch, 3, {size}, "
-                              f"{size}] (RGB images of image_size {size}, as its metadata says, and a dynamic "
-                              "batch dimension)")
+            raise PipelineError(f"{self.name}: wrong input: {found}; expected one input, uint8 [batch, 3, {size}, "
+                                f"{size}] (RGB images of image_size {size}, as its metadata says, and a dynamic "
+                                "batch dimension)")
         shape = list(outputs[0].shape or []) if len(outputs) == 1 else []
         per_class = len(shape) == 2 and (shape[1] == len(self.classes) or not isinstance(shape[1], int))
         if not (len(outputs) == 1 and outputs[0].type == "tensor(float)" and per_class):
             found = ", ".join(f"{o.name!r} {_describe(o)}" for o in outputs) or "none"
-            raise DeployError(f"{self.name}: wrong output: {found}; expected one output, float [batch, "
-                              f"{len(self.classes)}] (a logit for each class of its metadata)")
+            raise PipelineError(f"{self.name}: wrong output: {found}; expected one output, float [batch, "
+                                f"{len(self.classes)}] (a logit for each class of its metadata)")
 
     def logits(self, images: np.ndarray) -> np.ndarray:
         """float32 logits N x classes for uint8 images N x 3 x S x S."""
@@ -256,11 +171,11 @@ class OnnxClassifier:
         try:
             (logits,) = self.session.run([self.output_name], {self.input_name: batch})
         except Exception as error:  # ONNX Runtime's own classes again
-            raise DeployError(f"{self.name}: ONNX Runtime failed on {len(batch)} images ({first_line(error)})") \
+            raise PipelineError(f"{self.name}: ONNX Runtime failed on {len(batch)} images ({first_line(error)})") \
                 from None
         if logits.shape != (len(batch), len(self.classes)):
-            raise DeployError(f"{self.name}: the model gave logits of shape {list(logits.shape)} for {len(batch)} "
-                              f"images; expected [{len(batch)}, {len(self.classes)}]")
+            raise PipelineError(f"{self.name}: the model gave logits of shape {list(logits.shape)} for {len(batch)} "
+                                f"images; expected [{len(batch)}, {len(self.classes)}]")
         return logits.astype(np.float32, copy=False)
 
 
@@ -270,12 +185,12 @@ def _classes_and_size(metadata: dict[str, str], name: str) -> tuple[list[str], i
         classes = json.loads(metadata["classes"])
         image_size = int(metadata["image_size"])
     except (KeyError, ValueError, TypeError):
-        raise DeployError(f"{name}: its metadata needs 'classes' (a JSON list of names) and 'image_size' (an "
-                          "integer); export the model again (dvc repro export)") from None
+        raise PipelineError(f"{name}: its metadata needs 'classes' (a JSON list of names) and 'image_size' (an "
+                            "integer); export the model again (dvc repro export)") from None
     if (not isinstance(classes, list) or len(classes) < 2 or not all(isinstance(c, str) and c for c in classes)
             or len(set(classes)) < len(classes)):
-        raise DeployError(f"{name}: metadata 'classes': expected a JSON list of at least 2 distinct names")
+        raise PipelineError(f"{name}: metadata 'classes': expected a JSON list of at least 2 distinct names")
     if image_size not in IMAGE_SIZES:
-        raise DeployError(f"{name}: metadata 'image_size': expected {IMAGE_SIZES.start} to {IMAGE_SIZES.stop - 1} "
-                          f"pixels, got {image_size}")
+        raise PipelineError(f"{name}: metadata 'image_size': expected {IMAGE_SIZES.start} to {IMAGE_SIZES.stop - 1} "
+                            f"pixels, got {image_size}")
     return classes, image_size
