@@ -1,0 +1,90 @@
+"""Pictures whose colour channels are equal (grayscale folders, scans, X-rays) train like any other.
+
+airnet's stem whitens 2x2 patches; with equal channels 8 of the 12 patch directions carry no signal, and before the
+fix their filters' biases drifted by hundreds at the BatchNorm learning rate until eval-mode BatchNorm sent every
+image to one class (validation at chance while training accuracy rose). The run is forced to fp32: in bf16 the
+dead filters' outputs are rounding noise and the failure was weaker, so fp32 shows it on every host class."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from prepared_data import make_split
+from repo_root import REPO_ROOT
+from stages.base.runtime import write_json
+from stages.model.nets import AirNet
+from stages.model.tensors import save_torch
+
+CLASSES, SIZE = 4, 16
+
+
+def gray(split: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    images = split["images"].float().mean(1, keepdim=True).round().to(torch.uint8).repeat(1, 3, 1, 1)
+    return {"images": images, "labels": split["labels"]}
+
+
+def write_gray_data(root: Path) -> None:
+    for name, count, seed in (("train", 800, 1), ("val", 200, 2), ("test", 200, 3)):
+        save_torch(gray(make_split(count, CLASSES, SIZE, seed)), root / "data" / "prepared" / f"{name}.pt")
+    write_json(root / "data" / "prepared" / "meta.json", {
+        "classes": [f"c{i}" for i in range(CLASSES)], "image_size": SIZE, "stats": "dataset", "mean": [0.4] * 3,
+        "std": [0.2] * 3, "splits": {"train": 800, "val": 200, "test": 200}})
+
+
+def default_airnet_params(root: Path) -> None:
+    """The default recipe (lr 1.5, bias_lr_scale 64, Muon, lookahead, whitening bias trained), small and in fp32."""
+    params = yaml.safe_load((REPO_ROOT / "params.yaml").read_text())
+    params["train"].update({"epochs": 3, "batch_size": 100, "precision": "fp32", "log_every": 100000})
+    params["train"]["low_res"]["size"] = 0
+    params["train"]["augment"]["cutout"] = 0
+    params["train"]["airnet"]["widths"] = [32, 64, 64]
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.mark.slow
+def test_a_grayscale_folder_trains_well_above_chance(tmp_path: Path) -> None:
+    from stages.base.config import load_params
+    from stages.train import train
+
+    write_gray_data(tmp_path)
+    default_airnet_params(tmp_path)
+    previous = Path.cwd()
+    try:
+        os.chdir(tmp_path)
+        train(load_params())
+    finally:
+        os.chdir(previous)
+    history = (tmp_path / "metrics" / "history.csv").read_text().splitlines()
+    val_acc = [float(row.split(",")[5]) for row in history[1:]]
+    assert min(val_acc) > 0.6, history  # chance is 0.25; before the fix every epoch sat at 0.25
+    metrics = json.loads((tmp_path / "metrics" / "train.json").read_text())
+    assert metrics["val"]["acc"] > 0.6
+
+
+def test_the_whitening_stem_has_no_dead_filters_on_equal_channels() -> None:
+    """Every stem filter carries signal: the directions equal channels leave empty are filled with copies of live
+    ones, whose outputs vary (and so anchor their biases)."""
+    torch.manual_seed(0)
+    net = AirNet(CLASSES, SIZE, [8, 16, 16], whiten_bias_epochs=1)
+    images = gray(make_split(200, CLASSES, SIZE, seed=1))["images"].float()
+    normalized = (images - images.mean()) / images.std()
+    assert net.init_from_data(normalized) == 4  # a grayscale 2x2 patch has 4 degrees of freedom, not 12
+    outputs = net.whiten(normalized)
+    assert outputs.std(dim=(0, 2, 3)).min() > 0.1
+
+
+def test_rgb_patches_keep_every_whitening_direction() -> None:
+    """Full-rank patches are whitened exactly as before: no filter is replaced (RGB runs keep their bytes)."""
+    torch.manual_seed(0)
+    net = AirNet(CLASSES, SIZE, [8, 16, 16], whiten_bias_epochs=1)
+    images = make_split(200, CLASSES, SIZE, seed=1)["images"].float()
+    normalized = (images - images.mean()) / images.std()
+    assert net.init_from_data(normalized) == 12
+    weights = net.whiten.weight.flatten(1)
+    assert torch.linalg.matrix_rank(weights[:12].double()) == 12
