@@ -8,7 +8,6 @@ dead filters' outputs are rounding noise and the failure was weaker, so fp32 sho
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -48,18 +47,14 @@ def default_airnet_params(root: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_grayscale_folder_trains_well_above_chance(tmp_path: Path) -> None:
+def test_a_grayscale_folder_trains_well_above_chance(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from stages.base.config import load_params
     from stages.train import train
 
     write_gray_data(tmp_path)
     default_airnet_params(tmp_path)
-    previous = Path.cwd()
-    try:
-        os.chdir(tmp_path)
-        train(load_params())
-    finally:
-        os.chdir(previous)
+    monkeypatch.chdir(tmp_path)  # the stages read and write relative to the repository root
+    train(load_params())
     history = (tmp_path / "metrics" / "history.csv").read_text().splitlines()
     val_acc = [float(row.split(",")[5]) for row in history[1:]]
     assert min(val_acc) > 0.6, history  # chance is 0.25; before the fix every epoch sat at 0.25
