@@ -130,6 +130,11 @@ def compare_logits(got: np.ndarray, expected: np.ndarray, image_index: np.ndarra
     """Every logit within tolerance * (1 + |expected|), and the same top-1 class wherever the expected best two
     are further apart than that tolerance of the best (closer is a tie at float32 precision); returns the largest
     difference. `image_index` names the test image of each row in the message."""
+    broken = ~(np.isfinite(got).all(axis=1) & np.isfinite(expected).all(axis=1))
+    if broken.any():  # every comparison with NaN is false: without this, NaN logits would pass the check below
+        first = int(np.flatnonzero(broken)[0])
+        raise PipelineError(f"{ONNX_PATH}: logits that are not finite (NaN or infinite) on {int(broken.sum())} of "
+                            f"{len(got)} checks (first: test image {image_index[first]}); nothing was written")
     difference = np.abs(got - expected)
     allowed = tolerance * (1 + np.abs(expected))
     row, column = np.unravel_index(np.argmax(difference / allowed), difference.shape)

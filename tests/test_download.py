@@ -625,6 +625,18 @@ def test_a_redirect_away_from_http_is_refused(workdir: Path, server: FileServer,
     assert not any(Path("data/.download").iterdir())
 
 
+def test_a_redirect_loop_is_one_line(workdir: Path, server: FileServer, previous_raw: dict[str, bytes],
+                                     capsys: pytest.CaptureFixture[str]) -> None:
+    """urllib's refusal of a redirect loop is three lines (`... infinite loop.` / `The last 30x error message was:`
+    / `Found`); the stage says the first."""
+    server.redirects["/loop.zip"] = "/loop.zip"
+    url = server.url("/loop.zip")
+    assert_refused(run_download(capsys, source=url), f"error: {url}: ", "infinite loop")
+    _, _, err = run_download(capsys, source=url)
+    assert "The last 30x error message" not in err and "Found" not in err
+    assert_unchanged(previous_raw)
+
+
 def test_a_redirect_within_http_is_followed(workdir: Path, server: FileServer, image_zip: bytes,
                                             capsys: pytest.CaptureFixture[str]) -> None:
     server.files["/v2/pictures.zip"] = image_zip

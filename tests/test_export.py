@@ -369,3 +369,16 @@ def test_registry_version_and_stage_get_the_pushed_model(baseline: Baseline, tmp
     failed = repo.dvc("artifacts", "get", str(server), "cifar-classifier", "--stage", "prod", "-o",
                       str(tmp_path / "again.onnx"), check=False)
     assert failed.returncode != 0 and not (tmp_path / "again.onnx").exists(), failed.output
+
+
+@pytest.mark.parametrize("side", ["onnx", "torch"])
+def test_nan_logits_fail_the_check(side: str) -> None:
+    """Every comparison with NaN is false, so a plain `difference > allowed` would let NaN logits through."""
+    classes = ["a", "b"]
+    good = np.array([[1.0, 0.0], [0.0, 1.0]], dtype=np.float32)
+    broken = good.copy()
+    broken[1, 0] = np.nan
+    got, expected = (broken, good) if side == "onnx" else (good, broken)
+    with pytest.raises(PipelineError, match=r"^models/model.onnx: logits that are not finite \(NaN or infinite\) on "
+                                            r"1 of 2 checks \(first: test image 8\); nothing was written$"):
+        compare_logits(got, expected, np.array([7, 8]), 1e-4, classes)

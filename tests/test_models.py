@@ -368,3 +368,16 @@ def test_a_crafted_ensemble_size_is_refused_before_anything_is_built(tmp_path: P
                                             r"parameters per member, 1,006,024,590 for 90; expected at most "
                                             r"1,000,000,000 in all"):
         load_checkpoint(tmp_path / "many.pth")
+
+
+def test_a_checkpoint_with_nan_weights_is_refused_by_name(tmp_path: Path) -> None:
+    """Weights that became NaN are named on loading (evaluate, export and predict all load through it), instead
+    of export blaming its safetensors round trip or the ONNX check passing NaN logits."""
+    model = build_model("cnn", CONFIGS["cnn"], 3, 32, [0.4] * 3, [0.2] * 3)
+    state = model.state_dict()
+    state["net.4.weight"] = state["net.4.weight"].clone().fill_(float("nan"))
+    save_torch(make_checkpoint(model="cnn", model_config=CONFIGS["cnn"], classes=["a", "b", "c"], image_size=32,
+                               mean=[0.4] * 3, std=[0.2] * 3, state_dicts=[state], train={}), tmp_path / "nan.pth")
+    with pytest.raises(PipelineError, match=r"nan.pth: tensor 'net.4.weight' holds NaN or infinite values: the model "
+                                            r"is broken; retrain it \(dvc repro\)$"):
+        load_checkpoint(tmp_path / "nan.pth")

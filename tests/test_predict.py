@@ -379,3 +379,29 @@ def test_onnx_model_refuses_tta_and_lists_unreadable_images(onnx_workspace: Path
     code, out, err = run_main(["model.onnx", "photos", "--format", "json"], capsys)
     assert code == 1 and len(json.loads(out)) == 4
     assert "photos/broken.jpg: cannot read image" in err and "1 of 5 images could not be read" in err
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="needs a FIFO")
+def test_a_hostile_onnx_model_gets_our_one_line_and_no_onnxruntime_log(tmp_path: Path, repo_root: Path) -> None:
+    """A .onnx whose weights are 'external data' in a FIFO: ONNX Runtime refuses it and used to print its own
+    coloured `[E:onnxruntime:...]` line to the process's stderr before our refusal (so a subprocess sees it)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    weights = numpy_helper.from_array(np.ones(3, np.float32), "w")
+    weights.data_location = TensorProto.EXTERNAL
+    weights.ClearField("raw_data")
+    for key, value in (("location", "fifo"), ("offset", "0"), ("length", "12")):
+        entry = weights.external_data.add()
+        entry.key, entry.value = key, value
+    graph = helper.make_graph([helper.make_node("Add", ["x", "w"], ["y"])], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, [3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [3])], [weights])
+    (tmp_path / "model.onnx").write_bytes(helper.make_model(graph).SerializeToString())
+    os.mkfifo(tmp_path / "fifo")
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    done = subprocess.run([sys.executable, "-m", "stages.predict", "model.onnx", "photo.png"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(repo_root)})
+    assert done.returncode == 2
+    assert done.stderr.startswith("error: model.onnx: cannot load the ONNX model (") and done.stderr.count("\n") == 1, \
+        done.stderr

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, NamedTuple
 from urllib.parse import ParseResult, urljoin, urlparse
 
-from stages.base.runtime import PipelineError, file_digest, human_size, log, progress
+from stages.base.runtime import PipelineError, file_digest, first_line, human_size, log, progress
 
 RETRIES = 4          # extra attempts after a transient error (connection reset, timeout, HTTP 5xx)
 BACKOFF_S = 1.0      # first wait between attempts; doubles each time (1, 2, 4, 8 s)
@@ -288,9 +288,12 @@ def _handle_http_error(url: str, error: urllib.error.HTTPError, headers: dict[st
         part.unlink(missing_ok=True)
         _validator_file(part).unlink(missing_ok=True)
         raise _Transient("the server cannot resume the partial file; starting over") from None
+    # urllib's reason for a redirect loop runs over three lines ("... infinite loop." / "The last 30x error
+    # message was:" / "Found"): the first one says it
+    reason = (str(error.reason).strip().splitlines() or [""])[0]
     if error.code in (408, 429) or error.code >= 500:
-        raise _Transient(f"HTTP {error.code} {error.reason}") from None
-    raise PipelineError(f"{url}: HTTP {error.code} {error.reason}") from None
+        raise _Transient(f"HTTP {error.code} {reason}") from None
+    raise PipelineError(f"{url}: HTTP {error.code} {reason}") from None
 
 
 def _reason(error: BaseException) -> str:
@@ -300,8 +303,7 @@ def _reason(error: BaseException) -> str:
         return "connection refused"
     if isinstance(error, (TimeoutError, socket.timeout)):
         return "timed out"
-    text = str(error).strip()
-    return text or type(error).__name__
+    return first_line(error)
 
 
 def _content_range(header: str | None, allow_unsatisfied: bool = False) -> tuple[int | None, int | None]:

@@ -69,6 +69,11 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
         if not isinstance(state_dict, dict) or not state_dict or not all(
                 isinstance(name, str) and isinstance(value, torch.Tensor) for name, value in state_dict.items()):
             raise PipelineError(f"{path}: checkpoint 'state_dicts' item {index} must map parameter names to tensors")
+        broken = next((name for name, value in state_dict.items()
+                       if value.is_floating_point() and not bool(torch.isfinite(value).all())), None)
+        if broken is not None:  # training stops at a non-finite loss, so such weights were edited or damaged
+            raise PipelineError(f"{path}: tensor {brief(broken)} holds NaN or infinite values: the model is broken; "
+                                "retrain it (dvc repro)")
     try:
         check_checkpoint_fields(checkpoint)  # before any model is built: a crafted size is refused, not allocated
     except PipelineError as error:

@@ -111,6 +111,7 @@ def _onnxruntime() -> Any:
     except ImportError:
         raise PipelineError("onnxruntime is not installed: pip install onnxruntime (or the project's extra: "
                             "pip install -e '.[export]')") from None
+    onnxruntime.set_default_logger_severity(4)  # the process-wide log too (model loading logs there): fatal only
     return onnxruntime
 
 
@@ -131,7 +132,9 @@ class OnnxClassifier:
         if not isinstance(model, bytes) and not Path(model).is_file():
             raise PipelineError(f"{name}: ONNX model not found")
         options = ort.SessionOptions()
-        options.log_severity_level = 3  # errors only
+        # ONNX Runtime would print its own coloured `[E:onnxruntime:...]` line before our one-line refusal: its
+        # error comes back as the exception, which the refusal names, so its log says only fatal conditions
+        options.log_severity_level = 4
         options.intra_op_num_threads = threads
         try:
             self.session = ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
