@@ -96,7 +96,8 @@ def defined_paths() -> set[str]:
 
 @pytest.mark.parametrize("kind", ["deps", "outs", "metrics"])
 def test_dvc_yaml_data_paths_are_the_ones_the_stages_use(kind: str) -> None:
-    """Every file or folder passed between stages is named once, in stages/base/paths.py; dvc.yaml must name the same."""
+    """Every file or folder passed between stages is named once, in stages/base/paths.py; dvc.yaml must name the
+    same."""
     known = defined_paths()
     for name, stage in stages_of(load_dvc_yaml()).items():
         for entry in stage.get(kind, []):

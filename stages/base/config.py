@@ -1,6 +1,6 @@
 """The params schema and its checks. Every stage loads params.yaml through `load_params` (read within a budget by
-stages/base/yamlfile.py), which checks the whole file before any expensive work: unknown keys (typos), missing keys, wrong types and out-of-range values all get a
-message that names the key, the value and what was expected.
+stages/base/yamlfile.py), which checks the whole file before any expensive work: unknown keys (typos), missing
+keys, wrong types and out-of-range values all get a message that names the key, the value and what was expected.
 
 Relations between keys that would otherwise crash a stage late are checked too: each model's smallest input
 (`min_input_size`) against data.image_size and train.low_res.size, train.augment.translate and cutout against the
