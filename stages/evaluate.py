@@ -23,6 +23,7 @@ from stages.base.paths import (CALIBRATION_CSV, MODEL_PATH, PER_CLASS_CSV, PER_C
                                TEST_METRICS, TEST_SPLIT)
 from stages.base.runtime import PipelineError, log, run_stage, write_json, write_text
 from stages.model.checkpoint import load_checkpoint
+from stages.model.health import one_class_warning
 from stages.model.nets import infer, inference_settings, model_from_checkpoint
 from stages.model.scores import ClassScores, class_scores, confusion_counts
 from stages.model.tensors import load_split, pick_device
@@ -134,7 +135,9 @@ def evaluate(params: dict) -> None:
     scores = class_scores(confusion_counts(labels, predicted, len(classes)))
     extra = summary_metrics(logits, labels, scores, cfg["top_k"])
 
-    write_json(TEST_METRICS, {"test": {"loss": round(loss, 6), "acc": round(accuracy, 6), **extra}})
+    warning = one_class_warning("test", labels.tolist(), predicted.tolist(), classes)
+    warnings = {"warnings": [warning]} if warning else {}  # only then: a healthy model's test.json keeps its bytes
+    write_json(TEST_METRICS, {"test": {"loss": round(loss, 6), "acc": round(accuracy, 6), **extra, **warnings}})
     write_per_class(classes, correct, labels, scores)
     write_text(PREDICTIONS_CSV, to_csv(
         ["index", "actual", "predicted", "confidence"],
@@ -144,6 +147,8 @@ def evaluate(params: dict) -> None:
                                        calibration_rows(confidence, correct)))
     log(f"test: loss {loss:.4f}  accuracy {accuracy:.4f}  ({images.shape[0]} images, tta {cfg['tta']})")
     log_scores(classes, extra, scores)
+    if warning:
+        log(f"warning: {warning}")
 
 
 def log_scores(classes: list[str], summary: dict[str, float], scores: ClassScores) -> None:

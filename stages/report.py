@@ -213,6 +213,8 @@ def comparison_table(baseline: dict[str, dict[str, Any]], current: dict[str, dic
         old, new = flatten(baseline.get(file_name, {})), flatten(current.get(file_name, {}))
         for metric in list(new) + [m for m in old if m not in new]:
             before, after = old.get(metric), new.get(metric)
+            if isinstance(before, list) or isinstance(after, list):  # the warnings: the Warnings section has them
+                continue
             numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (before, after))
             rows.append({"file": file_name, "metric": metric, "baseline": format_number(before),
                          "current": format_number(after), "delta": format_delta(after - before) if numeric else "—"})
@@ -225,6 +227,7 @@ def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | No
     matrix = confusion_matrix(inputs.predictions, len(classes))
     doc = Document()
     summary_section(doc, inputs)
+    warnings_section(doc, inputs)
     metrics_section(doc, inputs)
     baseline_section(doc, inputs, baseline)
     curves_section(doc, inputs.history, inputs.checkpoint, out_dir)
@@ -241,6 +244,17 @@ def build_report(out_dir: Path, inputs: Inputs, samples: int, baseline: str | No
     model_name = str(inputs.checkpoint["model"])
     (out_dir / "report.md").write_text(doc.markdown(), encoding="utf-8")
     (out_dir / "report.html").write_text(doc.html(f"Training report: {model_name}"), encoding="utf-8")
+
+
+def warnings_section(doc: Document, inputs: Inputs) -> None:
+    """What train and evaluate warned about (a model collapsed to one class, validation at chance): first, since
+    every number below is then misleading. Nothing for a healthy run."""
+    warnings = [f"Training: {w}" for w in inputs.train_metrics.get("warnings", [])]
+    warnings += [f"Evaluation: {w}" for w in inputs.test_metrics.get("test", {}).get("warnings", [])]
+    if warnings:
+        doc.heading(2, "Warnings")
+        for warning in warnings:
+            doc.paragraph(f"**Warning.** {warning}")
 
 
 def summary_section(doc: Document, inputs: Inputs) -> None:

@@ -40,6 +40,7 @@ from stages.model.data_fit import (balanced_sample_weights, cap_batch_size, chec
                                    with_class_weights)
 from stages.model.distributed import (all_reduce_sum, broadcast_flag, check_processes, finish_distributed,
                                       relaunch_under_torchrun, setup_device)
+from stages.model.health import chance_warning, one_class_warning
 from stages.model.nets import (ImageClassifier, InferenceSettings, build_model, infer, inference_settings,
                                load_pretrained, model_from_checkpoint)
 from stages.model.optim import (Schedule, WeightAverage, apply_weight_decay, lr_factor, make_optimizers, plan_schedule,
@@ -305,9 +306,13 @@ def train_epoch(run: Run, member: Member, epoch: int) -> EpochStats:
     return stats
 
 
-def validation_scores(model: nn.Module, run: Run) -> dict[str, float]:
-    """The numbers train.monitor can name, for `model` on the validation split."""
-    logits = infer(model, run.val_images, batch_size=max(run.cfg["batch_size"], 256), settings=run.inference)
+def validation_logits(model: nn.Module, run: Run) -> torch.Tensor:
+    return infer(model, run.val_images, batch_size=max(run.cfg["batch_size"], 256), settings=run.inference)
+
+
+def validation_scores(model: nn.Module, run: Run, logits: torch.Tensor | None = None) -> dict[str, float]:
+    """The numbers train.monitor can name, for `model` on the validation split (from `logits` if given)."""
+    logits = validation_logits(model, run) if logits is None else logits
     predicted = logits.argmax(1)
     return {"val_loss": F.cross_entropy(logits, run.val_labels).item(),
             "val_acc": (predicted == run.val_labels).float().mean().item(),
@@ -436,10 +441,21 @@ def train_metrics(run: Run, progress: Progress, checkpoint: dict[str, Any]) -> d
     ensemble's own score, as evaluate will see it without TTA)."""
     last = progress.selections[-1]
     metrics = epoch_metrics(progress.row(len(progress.selections), last["kept_epoch"]))
-    if run.val_images.shape[0] and len(progress.members) > 1:
-        metrics["val"] = train_json_section("val", validation_scores(model_from_checkpoint(checkpoint), run))
+    warnings = [chance_warning(progress.history, run.val_labels.tolist())]
+    if run.val_images.shape[0]:
+        model = model_from_checkpoint(checkpoint)
+        logits = validation_logits(model, run)
+        warnings.append(one_class_warning("validation", run.val_labels.tolist(), logits.argmax(1).tolist(),
+                                          run.meta["classes"]))
+        if len(progress.members) > 1:
+            metrics["val"] = train_json_section("val", validation_scores(model, run, logits))
     metrics["epochs"] = checkpoint["epochs_completed"]
     metrics["kept_epoch"] = kept_epochs(progress.selections)
+    warnings = [warning for warning in warnings if warning]
+    for warning in warnings:
+        run.log_main(f"warning: {warning}")
+    if warnings:  # only then: a healthy run's train.json keeps its bytes
+        metrics["warnings"] = warnings
     return metrics
 
 

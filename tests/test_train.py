@@ -610,8 +610,8 @@ def val_acc_peaks_at_epoch_3(monkeypatch: pytest.MonkeyPatch) -> None:
     real = train_module.validation_scores
     calls = itertools.cycle(DESIGNED_VAL_ACC)  # every training of the test sees the same sequence
 
-    def designed(model: torch.nn.Module, run: object) -> dict[str, float]:
-        return {**real(model, run), "val_acc": next(calls)}
+    def designed(model: torch.nn.Module, run: object, logits: torch.Tensor | None = None) -> dict[str, float]:
+        return {**real(model, run, logits), "val_acc": next(calls)}
 
     monkeypatch.setattr(train_module, "validation_scores", designed)
 
