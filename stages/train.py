@@ -45,7 +45,7 @@ from stages.model.nets import (ImageClassifier, InferenceSettings, build_model, 
                                load_pretrained, model_from_checkpoint)
 from stages.model.optim import (Schedule, WeightAverage, apply_weight_decay, lr_factor, make_optimizers, plan_schedule,
                                 set_lr)
-from stages.model.precision import autocast_dtype
+from stages.model.precision import autocast_dtype, precision_name, warn_emulated_bf16
 from stages.model.resume import Progress, fingerprint, resume_run, save_resume
 from stages.model.scores import macro_f1
 from stages.model.selection import Selection
@@ -451,6 +451,7 @@ def train_metrics(run: Run, progress: Progress, checkpoint: dict[str, Any]) -> d
             metrics["val"] = train_json_section("val", validation_scores(model, run, logits))
     metrics["epochs"] = checkpoint["epochs_completed"]
     metrics["kept_epoch"] = kept_epochs(progress.selections)
+    metrics["precision"] = run.cfg["precision_used"]
     warnings = [warning for warning in warnings if warning]
     for warning in warnings:
         run.log_main(f"warning: {warning}")
@@ -488,6 +489,10 @@ def write_outputs(run: Run, progress: Progress, pretrained: dict[str, str] | Non
 def train(params: dict[str, Any]) -> None:
     cfg = resolve_phases(params["train"])  # "30%" phase lengths become epochs, here and in the checkpoint
     device, rank, world = setup_device(cfg)
+    if rank == 0:
+        warn_emulated_bf16(cfg["precision"], device)
+    # what train.precision (auto, say) came to on this machine, for the checkpoint's train config and train.json
+    cfg = {**cfg, "precision_used": precision_name(autocast_dtype(cfg["precision"], device))}
     run = load_run(params, cfg, device, rank, world)
     progress, resume = resume_run(run.fingerprint, cfg["ensemble"], run.log_main)
     if resume is not None and rank == 0 and progress.history:  # DVC deleted the outputs before the rerun: show them

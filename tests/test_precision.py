@@ -4,10 +4,14 @@ tested here for every host class with the flags stubbed, on any machine."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
 from stages.model import precision
+from stages.model.checkpoint import load_checkpoint
 from stages.model.precision import CpuInfo, autocast_dtype, warn_emulated_bf16
 
 CPU = torch.device("cpu")
@@ -53,3 +57,23 @@ def test_forced_bf16_on_an_emulating_cpu_warns(capsys: pytest.CaptureFixture[str
 def test_cpu_info_reads_this_machine() -> None:
     info = CpuInfo.read()
     assert isinstance(info.native_bf16(), bool) and info.describe()
+
+
+def test_train_records_the_precision_it_used_and_warns_on_forced_emulated_bf16(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from prepared_data import tiny_params, train_tiny
+
+    monkeypatch.setattr(CpuInfo, "read", classmethod(lambda cls: HOSTS["AMD Zen 3 (AVX2 only)"][0]))
+    train_tiny(tmp_path, epochs=1)
+    assert json.loads((tmp_path / "metrics/train.json").read_text())["precision"] == "fp32"  # auto on Zen 3
+    assert load_checkpoint(tmp_path / "models/model.pth")["train"]["precision_used"] == "fp32"
+    assert "warning: train.precision: bf16" not in capsys.readouterr().out
+    tiny_params(tmp_path, **{"train.epochs": 1, "train.precision": "bf16"})
+    monkeypatch.chdir(tmp_path)
+    from stages.base.config import load_params
+    from stages.train import train
+
+    train(load_params())
+    out = capsys.readouterr().out
+    assert "warning: train.precision: bf16 on a CPU without native bf16 (AuthenticAMD (avx2))" in out
+    assert json.loads((tmp_path / "metrics/train.json").read_text())["precision"] == "bf16"

@@ -44,14 +44,21 @@ def run_stage(main: Callable[[], None]) -> None:
     try:
         main()
     except PipelineError as error:
-        print(f"error: {error}", file=sys.stderr, flush=True)
+        _say_on_stderr(f"error: {error}")
         sys.exit(2)
     except OSError as error:
-        print(f"error: {describe_os_error(error)}", file=sys.stderr, flush=True)
+        _say_on_stderr(f"error: {describe_os_error(error)}")
         sys.exit(2)
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr, flush=True)
+        _say_on_stderr("interrupted")
         sys.exit(130)
+
+
+def _say_on_stderr(line: str) -> None:
+    """One line in one write: print() writes the text and its newline separately, so two processes sharing
+    stderr (the ranks under torchrun) could glue their lines together."""
+    sys.stderr.write(f"{line}\n")
+    sys.stderr.flush()
 
 
 # What to do about the failures a user can fix; any other OSError is reported with its own reason only.
