@@ -45,7 +45,8 @@ class OnePassMaxPool2x2(torch.autograd.Function):
         (winner,) = ctx.saved_tensors
         n, c, h, w = ctx.shape
         h2, w2 = h // 2, w // 2
-        layout = torch.channels_last if grad.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        channels_last = grad.is_contiguous(memory_format=torch.channels_last)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
         out = torch.empty(ctx.shape, dtype=grad.dtype, device=grad.device, memory_format=layout)  # no fill
         for k, (dy, dx) in enumerate(QUARTERS):
             out[:, :, dy:2 * h2:2, dx:2 * w2:2] = torch.where(winner == k, grad, 0)
