@@ -123,6 +123,7 @@ TINY_RUN: dict[str, dict[str, Any]] = {
     "airnet": {"train.epochs": 2, "train.batch_size": 256, "train.airnet.widths": [8, 16, 16]},
     "airnet-fast": {"train.epochs": 3, "train.batch_size": 256, "train.airnet.widths": [8, 16, 16]},
     "transfer": {"train.epochs": 1, "train.batch_size": 256, "train.resnet18.input_size": 32},
+    "offline": {"train.epochs": 2, "train.batch_size": 256},
 }
 
 
