@@ -39,7 +39,7 @@ import numpy as np
 from stages.base.runtime import PipelineError, decode_workers, progress, run_stage, write_text
 from stages.dataset.imagefiles import IMAGE_EXTENSIONS, is_image_name
 from stages.model import deploy
-from stages.model.deploy import OnnxClassifier
+from stages.model.deploy import OnnxClassifier, top_classes
 
 if TYPE_CHECKING:
     import torch
@@ -98,14 +98,6 @@ def load_model(path: str | Path) -> tuple[dict[str, Any], torch.nn.Module]:
     except PipelineError as error:
         raise PipelineError(f"{path}: {error}") from None
     return checkpoint, model
-
-
-def top_classes(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and class indices of the `top_k` most likely classes per row, best first."""
-    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
-    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
-    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
-    return np.take_along_axis(probabilities, order, axis=1), order
 
 
 def classify(files: Sequence[Path], decode: Callable[[Path], Any], run: Callable[[list[Any]], np.ndarray],

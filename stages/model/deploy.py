@@ -197,3 +197,11 @@ def _classes_and_size(metadata: dict[str, str], name: str) -> tuple[list[str], i
         raise PipelineError(f"{name}: metadata 'image_size': expected {IMAGE_SIZES.start} to {IMAGE_SIZES.stop - 1} "
                             f"pixels, got {image_size}")
     return classes, image_size
+
+
+def top_classes(logits: np.ndarray, top_k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and class indices of the `top_k` most likely classes per row, best first."""
+    shifted = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = shifted / shifted.sum(axis=1, keepdims=True)
+    order = np.argsort(-probabilities, axis=1, kind="stable")[:, :top_k]
+    return np.take_along_axis(probabilities, order, axis=1), order
