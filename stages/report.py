@@ -115,8 +115,12 @@ def read_calibration(test_images: int) -> pd.DataFrame:
     if frame.empty or counted != test_images:
         raise PipelineError(f"{CALIBRATION_CSV}: the bins hold {counted} test images but {PREDICTIONS_CSV} lists "
                             f"{test_images}; the files are stale, rerun evaluate (dvc repro)")
-    bins = round(1 / float(frame["upper"].iloc[0] - frame["lower"].iloc[0]))  # edges are written to 6 decimals
+    width = float(frame["upper"].iloc[0] - frame["lower"].iloc[0])
+    bins = round(1 / width) if 0.001 <= width <= 1 else 0  # edges are written to 6 decimals
     index = frame["bin"].to_numpy(dtype=np.int64)
+    if not bins or index.min() < 0 or index.max() >= bins or len(set(index.tolist())) < len(index):
+        raise PipelineError(f"{CALIBRATION_CSV}: the bins are not numbered 0..N-1 by their width; rerun evaluate "
+                            "(dvc repro)")
     images = np.zeros(bins, dtype=np.int64)
     images[index] = frame["images"].to_numpy(dtype=np.int64)
     confidence, accuracy = np.full(bins, np.nan), np.full(bins, np.nan)

@@ -17,6 +17,7 @@ if str(REPO_ROOT) not in sys.path:
 
 from fileserver import FileServer  # noqa: E402
 from pipeline_repo import Baseline, build_baseline  # noqa: E402  (it imports stages: after the line above)
+from s3server import S3Server  # noqa: E402
 
 # Never let a test reach the network or a GPU by accident, and keep DVC quiet.
 os.environ.setdefault("DVC_NO_ANALYTICS", "1")
@@ -45,3 +46,13 @@ def server() -> Iterator[FileServer]:
     finally:
         instance.httpd.shutdown()
         instance.httpd.server_close()
+
+
+@pytest.fixture
+def s3(tmp_path: Path) -> Iterator[S3Server]:
+    """A real S3-compatible object store on 127.0.0.1 (rclone serve s3) for the test, stopped by its pid after it."""
+    server = S3Server(tmp_path / "object-store").start()
+    try:
+        yield server
+    finally:
+        server.stop()

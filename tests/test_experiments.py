@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from pipeline_repo import TINY, Baseline, PipelineRepo
+from s3server import S3Server, credentials, use_s3
 from repo_root import REPO_ROOT
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
@@ -115,6 +116,52 @@ def _git_md5(repo: PipelineRepo, rev: str, path: str) -> str:
 
     blob = subprocess.run(["git", "show", f"{rev}:{path}"], cwd=repo.path, check=True, stdout=subprocess.PIPE).stdout
     return hashlib.md5(blob).hexdigest()
+
+
+# ---------------------------------------------------------------- experiments across machines
+
+
+@pytest.mark.slow
+def test_experiments_fan_out_over_machines_and_are_gathered_on_one(baseline: Baseline, tmp_path: Path,
+                                                                   s3: S3Server) -> None:
+    """The README's fan-out: a bare git repository and an S3 remote shared by three clones; two workers each run
+    one experiment (`dvc exp run --pull --allow-missing -n NAME`) and push it (`dvc exp push origin NAME`); the
+    third pulls both, lists them with their metrics and applies one, whose model has the worker's bytes."""
+    origin = tmp_path / "origin.git"
+    subprocess.run(["git", "init", "-q", "--bare", str(origin)], check=True)
+    repo = baseline.repo.copy_to(tmp_path / "repo")
+    use_s3(repo, s3)
+    repo.commit("an S3 remote")
+    repo.git("remote", "add", "origin", str(origin))
+    branch = repo.git("rev-parse", "--abbrev-ref", "HEAD")
+    repo.git("push", "-q", "origin", branch)
+    repo.dvc("push")
+
+    models = {}
+    for index, (name, lr) in enumerate((("lr-high", 0.3), ("lr-low", 0.1))):
+        worker = PipelineRepo(tmp_path / f"worker{index}")
+        subprocess.run(["git", "clone", "-q", "-b", branch, str(origin), str(worker.path)], check=True)
+        credentials(worker)
+        worker.dvc("exp", "run", "--pull", "--allow-missing", "-n", name, "-S", f"train.lr={lr}")
+        models[name] = worker.md5("models/model.pth")
+        worker.dvc("exp", "push", "origin", name)
+    assert models["lr-high"] != models["lr-low"]
+
+    coordinator = PipelineRepo(tmp_path / "coordinator")
+    subprocess.run(["git", "clone", "-q", "-b", branch, str(origin), str(coordinator.path)], check=True)
+    credentials(coordinator)
+    for name in models:
+        coordinator.dvc("exp", "pull", "origin", name)
+    shown = json.loads(coordinator.dvc("exp", "show", "--json").output)
+    experiments = {exp["name"]: exp for commit in shown for exp in (commit.get("experiments") or [])
+                   if exp.get("name")}
+    for name, lr in (("lr-high", 0.3), ("lr-low", 0.1)):
+        revision = experiments[name]["revs"][0]["data"]
+        assert revision["params"]["params.yaml"]["data"]["train"]["lr"] == lr
+        assert "acc" in revision["metrics"]["metrics/test.json"]["data"]["test"]
+    coordinator.dvc("exp", "apply", "lr-low")
+    coordinator.dvc("checkout")
+    assert coordinator.md5("models/model.pth") == models["lr-low"]
 
 
 # ---------------------------------------------------------------- documented commands

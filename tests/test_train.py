@@ -199,6 +199,36 @@ def test_two_processes_match_one_process(workdir: Path) -> None:
         assert abs(float(a["val_acc"]) - float(b["val_acc"])) <= 0.05
 
 
+@pytest.mark.slow
+def test_two_nodes_keep_the_outputs_on_node_0(tmp_path: Path) -> None:
+    """The README's multi-node recipe: two torchrun agents (--nnodes 2, one process each, gloo, a static
+    rendezvous on 127.0.0.1), each in its own clone folder as on two machines. Global rank 0 is node 0's process, so
+    the model, the metrics and the resume file appear only in node 0's folder, and equal a `train.nproc: 2` run's."""
+    import socket
+
+    settings = {"train.model": "mlp", "train.mlp.hidden": [16], "train.epochs": 2, "train.nproc": 2}
+    folders = [tmp_path / name for name in ("node0", "node1", "single-node")]
+    for folder in folders:
+        write_prepared(folder)
+        tiny_params(folder, **settings)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    agents = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank",
+                                str(rank), "--nproc-per-node", "1", "--master-addr", "127.0.0.1", "--master-port",
+                                str(port), "-m", "stages.train"], cwd=folders[rank], env=env, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for rank in (0, 1)]
+    outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+    assert [agent.returncode for agent in agents] == [0, 0], outputs
+    assert not (folders[1] / "models").exists() and not (folders[1] / "metrics").exists()
+    single = subprocess.run([sys.executable, "-m", "stages.train"], cwd=folders[2], env=env, text=True,
+                            capture_output=True, timeout=600)
+    assert single.returncode == 0, single.stdout + single.stderr
+    for output in ("models/model.pth", "metrics/history.csv", "metrics/train.json"):
+        assert md5(folders[0] / output) == md5(folders[2] / output), output
+
+
 def test_an_ensemble_trains_one_member_per_seed(workdir: Path) -> None:
     airnet = {"train.model": "airnet", "train.airnet.widths": [8, 16, 16], "train.epochs": 2, "train.seed": 3}
     tiny_params(workdir, **airnet, **{"train.ensemble": 2})
