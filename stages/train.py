@@ -18,6 +18,7 @@ resume.py."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -30,8 +31,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from stages.base.config import load_params, resolve_phases, selection_keys
-from stages.base.paths import (HISTORY_CSV, META_JSON, MODEL_PATH, RESUME_PATH, TRAIN_METRICS, TRAIN_SPLIT, TRAIN_TIME,
-                               VAL_SPLIT)
+from stages.base.paths import (FEATURES_TRAIN, FEATURES_VAL, HISTORY_CSV, META_JSON, MODEL_PATH, RESUME_PATH,
+                               TRAIN_METRICS, TRAIN_SPLIT, TRAIN_TIME, VAL_SPLIT)
 from stages.base.runtime import PipelineError, log, read_json, run_stage, write_json, write_text
 from stages.base.specs import model_config_of
 from stages.dataset.augment import alternating_flips, augment_batch, flip_mask
@@ -41,8 +42,9 @@ from stages.model.data_fit import (balanced_sample_weights, cap_batch_size, chec
 from stages.model.distributed import (all_reduce_sum, broadcast_flag, check_processes, finish_distributed,
                                       relaunch_under_torchrun, setup_device)
 from stages.model.health import chance_warning, one_class_warning
+from stages.model.embeddings import CachedFeatures, Head, expected_record, head_logits, load_features
 from stages.model.nets import (ImageClassifier, InferenceSettings, build_model, infer, inference_settings,
-                               load_pretrained, model_from_checkpoint)
+                               input_normalization, model_from_checkpoint)
 from stages.model.optim import (Schedule, WeightAverage, apply_weight_decay, lr_factor, make_optimizers, plan_schedule,
                                 set_lr)
 from stages.model.precision import autocast_dtype, precision_name, warn_emulated_bf16
@@ -50,9 +52,11 @@ from stages.model.resume import Progress, fingerprint, resume_run, save_resume
 from stages.model.scores import macro_f1
 from stages.model.selection import Selection
 from stages.model.tensors import load_split, save_torch, seed_everything
+from stages.model.weights import load_imagenet_weights, load_init_checkpoint
 
 HISTORY_COLUMNS = ("member", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr")
 WHITENING_SAMPLE = 5000  # images used to estimate the airnet stem's patch covariance
+BATCHNORM_MIN_BATCH = 32  # train.fine_tune.batchnorm auto: smaller batches keep the pretrained statistics
 TRAIN_JSON_NUMBERS = {"train": {"loss": "train_loss", "acc": "train_acc"},  # section -> its name -> score name
                       "val": {"loss": "val_loss", "acc": "val_acc", "macro_f1": "val_macro_f1"}}
 
@@ -78,6 +82,7 @@ class Run:
     schedule: Schedule
     inference: InferenceSettings
     sample_weights: torch.Tensor | None = None  # train.sampler: balanced: each training image's draw weight
+    features: CachedFeatures | None = None  # train.cache_features: the training step sees embeddings, not images
 
     def log_main(self, message: str) -> None:
         """Log once for all processes: on rank 0 only."""
@@ -107,9 +112,13 @@ def load_run(params: dict[str, Any], cfg: dict[str, Any], device: torch.device, 
     if sample_weights is not None and cfg["class_weights"] == "balanced" and rank == 0:
         log("train.sampler: balanced and train.class_weights: balanced both make up for the class sizes, so "
             "together they over-weight the small classes; one of them is usually enough")
+    features = None
+    if cfg["cache_features"]:
+        features = load_features(FEATURES_TRAIN, FEATURES_VAL,
+                                 expected_record(cfg, train_images.shape[0], val_images.shape[0]), device)
     return Run(cfg, fingerprint(params, world), device, rank, world, meta, train_images.to(device),
                train_labels.to(device), val_images, val_labels, schedule, inference_settings(cfg["model"], cfg, device),
-               sample_weights)
+               sample_weights, features)
 
 
 # ---------------------------------------------------------------- one ensemble member
@@ -135,7 +144,7 @@ class Member:
     cutout_fill: torch.Tensor
     start_epoch: int
     selection: Selection
-    pretrained: dict[str, str] | None  # what load_pretrained records about the starting weights
+    pretrained: dict[str, Any] | None  # what stages.model.weights records about the starting weights
 
     def averaged_state(self) -> dict[str, torch.Tensor] | None:
         """The weights validated and saved in place of the model's own (WeightAverage.evaluation_state), if any."""
@@ -148,18 +157,31 @@ class Member:
                 "selection": self.selection.state()}
 
 
-def initial_model(run: Run) -> tuple[ImageClassifier, dict[str, str] | None]:
+def initial_model(run: Run) -> tuple[ImageClassifier, dict[str, Any] | None]:
     """The member's model before its first step, on the device: fresh weights (from the seed just set), or
-    pretrained ones, and airnet's whitening stem fitted to the training images; and what the checkpoint records
-    about pretrained weights (None without)."""
+    starting weights (train.pretrained, train.init), and airnet's whitening stem fitted to the training images;
+    set up for fine-tuning (train.fine_tune); and what the checkpoint records about the starting weights (None
+    without)."""
+    cfg = run.cfg
     model = run.build()
-    pretrained = load_pretrained(model, run.cfg["pretrained"]) if run.cfg["pretrained"] != "none" else None
-    if hasattr(model.net, "init_from_data"):
+    starting = None
+    if cfg["pretrained"] != "none":
+        starting = load_imagenet_weights(model, cfg["model"], cfg["pretrained"])
+    elif cfg["init"] != "none":
+        starting = load_init_checkpoint(model, cfg["model"], model_config_of(cfg), run.meta["classes"],
+                                        run.meta["image_size"], cfg["init"])
+    if hasattr(model.net, "init_from_data") and starting is None:
         model.net.init_from_data(model.normalize(run.train_images[:WHITENING_SAMPLE].cpu()))
+    if hasattr(model.net, "fine_tuning"):
+        batchnorm = cfg["fine_tune"]["batchnorm"]
+        per_process_batch = cfg["batch_size"] // run.world
+        frozen_statistics = batchnorm == "frozen" or (batchnorm == "auto" and per_process_batch < BATCHNORM_MIN_BATCH)
+        model.net.fine_tuning(math.inf if cfg["freeze_backbone"] else cfg["fine_tune"]["frozen_epochs"],
+                              frozen_statistics)
     model.to(run.device)
     if run.inference.channels_last:
         model.to(memory_format=torch.channels_last)
-    return model, pretrained
+    return model, starting
 
 
 def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:
@@ -172,7 +194,8 @@ def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:
     scaler = torch.amp.GradScaler("cuda", enabled=dtype == torch.float16)
     optimizers = make_optimizers(model, cfg, device)
     n_train = run.train_images.shape[0]
-    cutout_fill = torch.tensor(run.meta["mean"]).mul(255).round().to(run.train_images.dtype)  # zero once normalized
+    mean = input_normalization(cfg["model"], run.meta["mean"], run.meta["std"])[0]
+    cutout_fill = torch.tensor(mean).mul(255).round().to(run.train_images.dtype)  # zero once normalized
     orientations = alternating_flips(n_train, seed) if cfg["augment"]["flip"] == "alternate" else None
     averaging = None
     if cfg["averaging"] != "none":
@@ -188,7 +211,11 @@ def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:
         start_epoch = resume["epoch"]
     # airnet freezes its stem bias after a few epochs; DDP must then expect a parameter without a gradient.
     unused = hasattr(model.net, "on_epoch_start")
-    forward_module = DistributedDataParallel(model, find_unused_parameters=unused) if run.world > 1 else model
+    forward_module: nn.Module = model
+    if run.features is not None:
+        forward_module = Head(model)
+    elif run.world > 1:
+        forward_module = DistributedDataParallel(model, find_unused_parameters=unused)
     loss_fn = loss_function(cfg, device)
     selection = Selection.start(cfg, resume["selection"] if resume is not None else None)
     return Member(index, seed, model, forward_module, optimizers, scaler, averaging, loss_fn, dtype, orientations,
@@ -231,6 +258,8 @@ def training_batch(run: Run, member: Member, order: torch.Tensor, epoch: int, st
     # Augment the whole global batch, then take this rank's share: every rank draws the same random
     # numbers, so N processes see exactly the images one process would.
     flips = flip_mask(cfg["augment"]["flip"], indices, epoch, generator, member.orientations)
+    if run.features is not None:  # the cached embeddings of these images (mirrored where flipped)
+        return run.features.training_batch(indices, flips), run.train_labels[indices]
     images = augment_batch(run.train_images[indices], flips, cfg["augment"]["translate"], generator,
                            cfg["augment"]["cutout"], member.cutout_fill)[run.rank::run.world].float()
     indices = indices[run.rank::run.world]
@@ -307,6 +336,8 @@ def train_epoch(run: Run, member: Member, epoch: int) -> EpochStats:
 
 
 def validation_logits(model: nn.Module, run: Run) -> torch.Tensor:
+    if run.features is not None:
+        return head_logits(model, run.features.val, run.inference)
     return infer(model, run.val_images, batch_size=max(run.cfg["batch_size"], 256), settings=run.inference)
 
 
@@ -361,7 +392,7 @@ def agree_to_stop(run: Run, member: Member, epoch: int) -> None:
         member.selection.stopped_after = epoch + 1
 
 
-def train_member(run: Run, progress: Progress, index: int, resume: dict[str, Any] | None) -> dict[str, str] | None:
+def train_member(run: Run, progress: Progress, index: int, resume: dict[str, Any] | None) -> dict[str, Any] | None:
     """Train ensemble member `index` (0-based) from the start, or from `resume`, and add the weights it keeps
     (train.keep) and why to `progress`, with its per-epoch history rows; after every epoch writes a resume
     checkpoint holding the finished members and the best epoch so far, so an interrupted run picks up where it
@@ -460,15 +491,16 @@ def train_metrics(run: Run, progress: Progress, checkpoint: dict[str, Any]) -> d
     return metrics
 
 
-def write_outputs(run: Run, progress: Progress, pretrained: dict[str, str] | None) -> None:
+def write_outputs(run: Run, progress: Progress, pretrained: dict[str, Any] | None) -> None:
     """The checkpoint, the metrics, the history and the timing; after them the resume checkpoint has served."""
     cfg, meta = run.cfg, run.meta
     # through JSON: fresh objects, so that pickle's sharing of equal keys is the same whether the finished members'
     # records come from memory or from a resume checkpoint (the same run saves the same bytes)
     selection = json.loads(json.dumps({"keep": cfg["keep"], "monitor": cfg["monitor"], "patience": cfg["patience"],
                                        "members": progress.selections}))
+    mean, std = input_normalization(cfg["model"], meta["mean"], meta["std"])
     checkpoint = make_checkpoint(model=cfg["model"], model_config=model_config_of(cfg), classes=meta["classes"],
-                                 image_size=meta["image_size"], mean=meta["mean"], std=meta["std"],
+                                 image_size=meta["image_size"], mean=mean, std=std,
                                  state_dicts=progress.members, train=cfg, pretrained=pretrained,
                                  epochs_completed=progress.epochs_trained(), selection=selection)
     save_torch(checkpoint, MODEL_PATH)

@@ -36,7 +36,7 @@ def test_repo_params_are_valid() -> None:
     ("train.epochs", 0, "train.epochs: expected a value > 0, got 0"),
     ("data.val_fraction", 1.0, "data.val_fraction: expected a value < 1, got 1.0"),
     ("data.test_fraction", 0, "data.test_fraction: expected a value > 0, got 0"),
-    ("train.model", "vgg", "train.model: expected one of mlp, cnn, airnet, resnet18; got 'vgg'"),
+    ("train.model", "vgg", "train.model: expected one of mlp, cnn, airnet, resnet18, efficientnet_lite0; got 'vgg'"),
     ("train.nesterov", "yes", "train.nesterov: expected true or false, got 'yes'"),
     ("train.momentum", 1.0, "train.momentum: expected a value < 1, got 1.0"),
     ("data.source", "ftp://example.com/x.zip", "URL scheme 'ftp' is not supported"),
@@ -47,7 +47,7 @@ def test_repo_params_are_valid() -> None:
     ("normalize.stats", "imagenet", "normalize.stats: expected one of dataset, fixed"),
     ("evaluate.tta", 3, "evaluate.tta: expected one of 1, 2, 6; got 3"),
     ("train.mlp.hidden", [1024, -5], "train.mlp.hidden: expected a list of at least 0 integers >= 1"),
-    ("train.pretrained", "weights.pth", "train.pretrained: pretrained weights need train.model: resnet18"),
+    ("train.pretrained", "weights.pth", "train.pretrained: ImageNet weights exist for resnet18 and efficientnet_lite0, not train.model"),
     ("train.lr", float("nan"), "train.lr: expected a finite number"),
     ("train.ensemble", 0, "train.ensemble: expected a value >= 1, got 0"),
 ])

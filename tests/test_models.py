@@ -16,8 +16,9 @@ import torch
 from stages.base.runtime import PipelineError
 from stages.base.specs import min_input_size, model_config_of, parameter_count
 from stages.model.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_FORMAT_1, load_checkpoint, make_checkpoint
-from stages.model.nets import AirNet, Ensemble, build_model, infer, load_pretrained, model_from_checkpoint
+from stages.model.nets import AirNet, Ensemble, build_model, infer, model_from_checkpoint
 from stages.model.tensors import save_torch
+from stages.model.weights import load_imagenet_weights
 
 from fileserver import FileServer
 from repo_root import REPO_ROOT
@@ -27,6 +28,7 @@ CONFIGS = {
     "cnn": {"channels": [8, 16, 16]},
     "airnet": {"widths": [16, 32, 32], "whiten_bias_epochs": 3},
     "resnet18": {"input_size": 32, "freeze_backbone": False},
+    "efficientnet_lite0": {"input_size": 32, "dropout": 0.0},
 }
 
 
@@ -154,7 +156,7 @@ def test_pretrained_weights_are_loaded(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model("resnet18", CONFIGS["resnet18"], 5, 32, [0.5] * 3, [0.25] * 3)
     before = model.net.resnet.conv1.weight.detach().clone()
-    info = load_pretrained(model, str(tmp_path / "resnet18.pth"))
+    info = load_imagenet_weights(model, "resnet18", str(tmp_path / "resnet18.pth"))
     assert not torch.equal(before, state["conv1.weight"])
     assert torch.equal(model.net.resnet.conv1.weight, state["conv1.weight"])
     assert model.net.resnet.fc.weight.shape == (5, 512)  # the 1000-class head is not taken
@@ -164,10 +166,10 @@ def test_pretrained_weights_are_loaded(tmp_path: Path) -> None:
 def test_pretrained_errors(tmp_path: Path) -> None:
     model = build_model("resnet18", CONFIGS["resnet18"], 5, 32, [0.5] * 3, [0.25] * 3)
     with pytest.raises(PipelineError, match="not found. Weights are never downloaded"):
-        load_pretrained(model, str(tmp_path / "missing.pth"))
+        load_imagenet_weights(model, "resnet18", str(tmp_path / "missing.pth"))
     torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7)}, tmp_path / "partial.pth")
-    with pytest.raises(PipelineError, match="not a ResNet-18 state_dict; missing"):
-        load_pretrained(model, str(tmp_path / "partial.pth"))
+    with pytest.raises(PipelineError, match="not ResNet-18 .torchvision. weights; missing"):
+        load_imagenet_weights(model, "resnet18", str(tmp_path / "partial.pth"))
 
 
 def test_model_config_carries_freeze_flag() -> None:
@@ -326,7 +328,7 @@ REMOVE = object()
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"model": "vgg"}, "model: expected one of mlp, cnn, airnet, resnet18; got 'vgg'"),
+    ({"model": "vgg"}, "model: expected one of mlp, cnn, airnet, resnet18, efficientnet_lite0; got 'vgg'"),
     ({"model_config.widths": REMOVE}, "missing key 'model_config.widths' in the checkpoint"),
     ({"model_config.depth": 3}, "unknown key 'model_config.depth' in the checkpoint"),
     ({"model_config": [16, 32]}, "model_config: expected a mapping of keys, got [16, 32]"),

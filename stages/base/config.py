@@ -23,9 +23,9 @@ from typing import Any
 from urllib.parse import urlparse
 
 from stages.base.runtime import ParamsError, brief
-from stages.base.specs import (IMAGE_SIZES, MAX_LAYERS, MODEL_CONFIG_EXTRAS, MODELS, PARAMS_FIELDS,
-                               RESOLUTION_FREE, check_model_fields, input_size_reason, min_input_size,
-                               model_config_of)
+from stages.base.specs import (EFFICIENTNET_TOTAL_STRIDE, IMAGE_SIZES, MAX_LAYERS, MODEL_CONFIG_EXTRAS, MODELS,
+                               PARAMS_FIELDS, PRETRAINED_MODELS, RESOLUTION_FREE, check_model_fields,
+                               input_size_reason, min_input_size, model_config_of)
 from stages.base.yamlfile import read_yaml
 
 PARAMS_FILE = "params.yaml"
@@ -33,7 +33,7 @@ SEED_MAX = 2**32 - 1  # NumPy's seed range; train derives generator seeds up to 
 MONITORS = ("val_loss", "val_acc", "val_macro_f1")  # train.monitor: what model selection compares, per epoch
 URL_SCHEMES = ("http", "https", "file")
 # the train params that are phase lengths: a number of epochs, or "N%" of train.epochs (see Phase, phase_epochs)
-PHASE_KEYS = ("averaging_start", "airnet.whiten_bias_epochs", "low_res.epochs")
+PHASE_KEYS = ("averaging_start", "airnet.whiten_bias_epochs", "low_res.epochs", "fine_tune.frozen_epochs")
 PERCENTAGE = re.compile(r"(\d+(?:\.\d+)?)%")
 
 
@@ -157,8 +157,13 @@ SCHEMA: dict[str, Any] = {
         "cnn": {"channels": IntList(min_len=3)},
         "airnet": {"widths": IntList(min_len=3), "whiten_bias_epochs": Phase()},
         "resnet18": {"input_size": Num(integer=True, ge=32, le=1024)},
-        "pretrained": Text(describe="none or a path to a torchvision state_dict file"),
+        "efficientnet_lite0": {"input_size": Num(integer=True, ge=1, le=1024), "dropout": Num(ge=0, lt=1)},
+        "pretrained": Text(describe="none or a path to an ImageNet state_dict file under models/pretrained/"),
+        "init": Text(describe="none or a path to a checkpoint of this pipeline under models/pretrained/"),
         "freeze_backbone": Bool(),
+        "fine_tune": {"frozen_epochs": Phase(), "lr_mult": Num(ge=1, le=1e6),
+                      "batchnorm": Choice(("auto", "train", "frozen"))},
+        "cache_features": Bool(),
         "epochs": Num(gt=0),  # fractions allowed: short benchmark runs and schedules in epochs
         "keep": Choice(("last", "best")),
         "monitor": Choice(MONITORS),
@@ -232,11 +237,7 @@ def _check_relations(params: dict[str, Any]) -> None:
     if url_scheme not in URL_SCHEMES:
         raise ParamsError(f"data.url: expected an http(s):// or file:// URL, got {params['data']['url']!r}")
     train = params["train"]
-    if train["pretrained"] != "none" and train["model"] != "resnet18":
-        raise ParamsError(f"train.pretrained: pretrained weights need train.model: resnet18, not {train['model']!r}")
-    if train["freeze_backbone"] and train["pretrained"] == "none":
-        raise ParamsError("train.freeze_backbone: freezing needs pretrained weights (train.pretrained); "
-                          "a frozen random backbone would learn nothing")
+    _check_weight_files(train)
     if train["optimizer"] == "muon" and (train["model"] == "mlp" or train["freeze_backbone"]):
         why = "the mlp has none" if train["model"] == "mlp" else "freeze_backbone freezes them all"
         raise ParamsError(f"train.optimizer: muon trains conv filters and {why}; set train.optimizer: sgd")
@@ -244,12 +245,56 @@ def _check_relations(params: dict[str, Any]) -> None:
     if train["low_res"]["size"] and low_res_epochs and train["model"] not in RESOLUTION_FREE:
         raise ParamsError(f"train.low_res: model {train['model']!r} takes one input size only; low-resolution "
                           f"epochs work with {', '.join(RESOLUTION_FREE)} (set train.low_res.size: 0)")
-    pretrained = train["pretrained"]
-    if pretrained != "none":
-        parts = PurePosixPath(pretrained).parts
-        if PurePosixPath(pretrained).is_absolute() or ".." in parts or parts[:2] != ("models", "pretrained"):
-            raise ParamsError(f"train.pretrained: {pretrained!r} must be a file under models/pretrained/ (that "
-                              "folder is a dependency of the train stage, so DVC retrains when the weights change)")
+    _check_fine_tuning(train)
+
+
+def _check_weight_files(train: dict[str, Any]) -> None:
+    """train.pretrained (ImageNet weights) and train.init (a checkpoint of this pipeline): where they may be, and
+    which models take them."""
+    if train["pretrained"] != "none" and train["model"] not in PRETRAINED_MODELS:
+        raise ParamsError(f"train.pretrained: ImageNet weights exist for {' and '.join(PRETRAINED_MODELS)}, not "
+                          f"train.model {train['model']!r}; to start from an earlier model of this pipeline use "
+                          "train.init")
+    if train["pretrained"] != "none" and train["init"] != "none":
+        raise ParamsError("train.pretrained and train.init both name starting weights; set one of them to none")
+    for key in ("pretrained", "init"):
+        value = train[key]
+        if value == "none":
+            continue
+        parts = PurePosixPath(value).parts
+        if PurePosixPath(value).is_absolute() or ".." in parts or parts[:2] != ("models", "pretrained"):
+            raise ParamsError(f"train.{key}: {value!r} must be a file under models/pretrained/ (that folder is a "
+                              "dependency of the train stage, so DVC retrains when the weights change)")
+    if train["freeze_backbone"] and train["pretrained"] == "none" and train["init"] == "none":
+        raise ParamsError("train.freeze_backbone: freezing needs starting weights (train.pretrained or train.init); "
+                          "a frozen random backbone would learn nothing")
+
+
+def _check_fine_tuning(train: dict[str, Any]) -> None:
+    """train.fine_tune and train.cache_features: what they need from the model and the other train keys."""
+    model, fine_tune = train["model"], train["fine_tune"]
+    if model == "efficientnet_lite0" and train["efficientnet_lite0"]["input_size"] < EFFICIENTNET_TOTAL_STRIDE:
+        raise ParamsError(f"train.efficientnet_lite0.input_size: {train['efficientnet_lite0']['input_size']} px is "
+                          f"below the backbone's minimum of {EFFICIENTNET_TOTAL_STRIDE} px (its total stride: the "
+                          "last stage would see less than one pixel); images are upsampled to it, so use e.g. 160")
+    staged = phase_epochs(fine_tune["frozen_epochs"], train["epochs"]) > 0 or fine_tune["lr_mult"] != 1
+    if model != "efficientnet_lite0" and (staged or fine_tune["batchnorm"] != "auto"):
+        raise ParamsError(f"train.fine_tune: staged fine-tuning is built for efficientnet_lite0, not train.model "
+                          f"{model!r}; set frozen_epochs: 0, lr_mult: 1 and batchnorm: auto")
+    if staged and train["pretrained"] == "none" and train["init"] == "none":
+        raise ParamsError("train.fine_tune: frozen_epochs and lr_mult fine-tune starting weights, but "
+                          "train.pretrained and train.init are none")
+    if not train["cache_features"]:
+        return
+    needs = [(model == "efficientnet_lite0", f"train.model: efficientnet_lite0 (not {model})"),
+             (train["freeze_backbone"], "train.freeze_backbone: true"),
+             (train["augment"]["translate"] == 0 and train["augment"]["cutout"] == 0,
+              "train.augment.translate and cutout: 0 (only mirror images are cached)"),
+             (train["nproc"] == 1, "train.nproc: 1")]
+    missing = [text for ok, text in needs if not ok]
+    if missing:
+        raise ParamsError("train.cache_features: the features stage embeds each image once with a frozen backbone, "
+                          f"which needs {'; '.join(missing)}")
 
 
 def _check_training_relations(params: dict[str, Any]) -> None:

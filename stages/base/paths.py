@@ -23,6 +23,12 @@ VAL_SPLIT = PREPARED_DIR / "val.pt"
 TEST_SPLIT = PREPARED_DIR / "test.pt"
 META_JSON = PREPARED_DIR / "meta.json"
 
+# features (train.cache_features: the frozen backbone's embeddings, computed once)
+FEATURES_DIR = Path("data/features")
+FEATURES_TRAIN = FEATURES_DIR / "train.pt"
+FEATURES_VAL = FEATURES_DIR / "val.pt"
+FEATURES_JSON = FEATURES_DIR / "features.json"  # what the embeddings were computed with, or that none were
+
 # train
 PRETRAINED_DIR = Path("models/pretrained")
 MODEL_PATH = Path("models/model.pth")

@@ -10,16 +10,21 @@ from typing import Any
 
 from stages.base.runtime import ParamsError
 
-MODELS = ("mlp", "cnn", "airnet", "resnet18")
+MODELS = ("mlp", "cnn", "airnet", "resnet18", "efficientnet_lite0")
 IMAGE_SIZES = range(8, 1025)  # data.image_size in pixels; the ONNX deployment checks a model's metadata against it
 RESOLUTION_FREE = ("cnn", "airnet")  # end in global pooling, so train.low_res can shrink their input
-CONV_NETS = ("cnn", "airnet", "resnet18")  # run channels_last when train.channels_last is on
+CONV_NETS = ("cnn", "airnet", "resnet18", "efficientnet_lite0")  # run channels_last when train.channels_last is on
+# models that can start from ImageNet weights (train.pretrained), and the command that puts them in models/pretrained/
+PRETRAINED_MODELS = {"resnet18": "python tools/get_pretrained.py resnet18",
+                     "efficientnet_lite0": "python tools/get_pretrained.py efficientnet_lite0"}
 MAX_PARAMETERS = 1_000_000_000  # 4 GB of float32 weights; the largest model here (resnet18) has 11 million
 MAX_LAYERS = 64  # entries of a hidden/channels/widths list
 LAYER_KEYS = {"mlp": "hidden", "cnn": "channels", "airnet": "widths"}  # each model's list of layer widths
 # train keys a checkpoint's model_config holds besides train.<model> (see model_config_of)
 MODEL_CONFIG_EXTRAS = {"resnet18": ("freeze_backbone",)}
 RESNET18_BACKBONE_PARAMETERS = 11_176_512  # torchvision's ResNet-18 without its final layer (512 x classes + bias)
+EFFICIENTNET_LITE0_BACKBONE_PARAMETERS = 3_371_008  # without its classifier (1280 x classes + bias)
+EFFICIENTNET_TOTAL_STRIDE = 32  # the stem and four stride-2 stages: the smallest input that leaves a 1x1 map
 
 
 @dataclass(frozen=True)
@@ -52,7 +57,7 @@ def cnn_pools(channels: list[int], image_size: int) -> int:
 def min_input_size(model: str, config: dict[str, Any], image_size: int) -> int:
     """The smallest input side in pixels that the network built for `image_size` images runs on. A cnn needs one
     pixel left after each of its pools; airnet's 2x2 stem takes one pixel and each of its blocks halves the rest;
-    the mlp only ever sees image_size, and resnet18 resizes its input to input_size first. tests/test_models.py
+    the mlp only ever sees image_size, and resnet18 and efficientnet_lite0 resize their input to input_size first. tests/test_models.py
     runs every model at this size and one pixel below, so the formulas follow stages.model.nets."""
     if model == "cnn":
         return 2 ** cnn_pools(config["channels"], image_size)
@@ -75,6 +80,8 @@ def parameter_count(model: str, config: dict[str, Any], image_size: int, classes
         widths = [24, *config["widths"]]  # the stem: 24 filters of 3x2x2 with bias
         blocks = sum(9 * a * b + 9 * b * b + 4 * b for a, b in zip(widths, widths[1:]))  # two convs, two BatchNorms
         return 24 * 12 + 24 + blocks + widths[-1] * classes  # the head has no bias
+    if model == "efficientnet_lite0":
+        return EFFICIENTNET_LITE0_BACKBONE_PARAMETERS + 1280 * classes + classes
     return RESNET18_BACKBONE_PARAMETERS + 512 * classes + classes
 
 

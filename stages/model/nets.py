@@ -9,23 +9,24 @@ followed by the network, so a checkpoint maps raw 0..255 images to logits with n
             patch-whitening stem, three conv-pool-BN-GELU blocks with identity (dirac) init, BatchNorm with frozen
             scale, a max-pooled linear head scaled down by 1/9.
 - resnet18: torchvision's ResNet-18 on images upsampled to `input_size`, optionally from pretrained weights.
+- efficientnet_lite0: EfficientNet-Lite0 (stages/model/efficientnet.py) on images upsampled to `input_size`, for
+            its ImageNet weights (stages/model/weights.py loads them); it scales its input itself (FIXED_NORMALIZATION).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from stages.base.runtime import PipelineError, file_digest
+from stages.base.runtime import PipelineError
 from stages.base.specs import CONV_NETS
 from stages.dataset.augment import tta_views
+from stages.model.efficientnet import PRETRAINED_NORMALIZATION, EfficientNetLite0
 from stages.model.precision import autocast_dtype
-from stages.model.tensors import load_torch
 
 
 class Normalize(nn.Module):
@@ -206,23 +207,6 @@ class ResNet18(nn.Module):
                     module.eval()
         return self
 
-    def load_pretrained(self, path: Path) -> None:
-        """Load a torchvision ResNet-18 state_dict; the classifier layer is kept only if its class count matches."""
-        state = load_torch(path, "pretrained weights")
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise PipelineError(f"{path}: pretrained weights must be a torchvision state_dict (name -> tensor)")
-        own = self.resnet.state_dict()
-        missing = [k for k in own if k not in state and not k.startswith("fc.")]
-        if missing:
-            raise PipelineError(f"{path}: not a ResNet-18 state_dict; missing {', '.join(missing[:5])}"
-                                f"{' ...' if len(missing) > 5 else ''}")
-        wrong = [k for k in own if k in state and not k.startswith("fc.") and state[k].shape != own[k].shape]
-        if wrong:
-            raise PipelineError(f"{path}: tensor shapes differ from ResNet-18 for {', '.join(wrong[:5])}")
-        keep_fc = all(k in state and state[k].shape == own[k].shape for k in ("fc.weight", "fc.bias"))
-        selected = {k: state[k] for k in own if keep_fc or not k.startswith("fc.")}
-        self.resnet.load_state_dict(selected, strict=keep_fc)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.input_size or x.shape[-2] != self.input_size:
             x = F.interpolate(x, size=(self.input_size, self.input_size), mode="bilinear", align_corners=False)
@@ -236,33 +220,23 @@ BUILDERS = {
     "cnn": lambda classes, size, cfg: make_cnn(classes, size, cfg["channels"]),
     "airnet": lambda classes, size, cfg: AirNet(classes, size, cfg["widths"], cfg["whiten_bias_epochs"]),
     "resnet18": lambda classes, size, cfg: ResNet18(classes, size, cfg["input_size"], cfg["freeze_backbone"]),
+    "efficientnet_lite0": lambda classes, size, cfg: EfficientNetLite0(classes, cfg["dropout"], cfg["input_size"]),
 }
+# Networks whose (pretrained) weights expect their own input scaling rather than the dataset's mean and std.
+FIXED_NORMALIZATION = {"efficientnet_lite0": PRETRAINED_NORMALIZATION}
+
+
+def input_normalization(name: str, mean: list[float], std: list[float]) -> tuple[list[float], list[float]]:
+    """The mean and std (of 0..1 pixels) that model `name` normalizes its input with: the dataset's, unless the
+    network fixes its own (FIXED_NORMALIZATION)."""
+    return FIXED_NORMALIZATION.get(name, (mean, std))
 
 
 def build_model(name: str, config: dict[str, Any], num_classes: int, image_size: int,
                 mean: list[float], std: list[float]) -> ImageClassifier:
     if name not in BUILDERS:
         raise PipelineError(f"unknown model {name!r}; known models: {', '.join(BUILDERS)}")
-    return ImageClassifier(BUILDERS[name](num_classes, image_size, config), mean, std)
-
-
-def pretrained_weights(path: str) -> Path:
-    """The local weights file train.pretrained names, or a clear error when it is missing."""
-    weights = Path(path)
-    if not weights.is_file():
-        raise PipelineError(
-            f"train.pretrained: {weights} not found. Weights are never downloaded implicitly: save torchvision's "
-            "ResNet-18 weights to a local file first (see README, 'Transfer learning')")
-    return weights
-
-
-def load_pretrained(model: ImageClassifier, path: str) -> dict[str, str]:
-    """Start `model` from a local weights file; returns what the checkpoint records about it (path, SHA-256)."""
-    weights = pretrained_weights(path)
-    if not isinstance(model.net, ResNet18):
-        raise PipelineError("train.pretrained: only resnet18 can start from pretrained weights")
-    model.net.load_pretrained(weights)
-    return {"path": str(path), "sha256": file_digest(weights)}
+    return ImageClassifier(BUILDERS[name](num_classes, image_size, config), *input_normalization(name, mean, std))
 
 
 def model_from_checkpoint(checkpoint: dict[str, Any]) -> ImageClassifier | Ensemble:

@@ -135,8 +135,10 @@ def make_optimizers(model: nn.Module, train_cfg: dict[str, Any],
          "wd": wd},
         {"params": [p for p in parameters if id(p) in special], "lr_scale": scale, "wd": wd / scale},
     ]
+    if train_cfg["fine_tune"]["lr_mult"] != 1:
+        groups = split_by_layer(groups, layer_lr_scales(model, train_cfg["fine_tune"]["lr_mult"]))
     for group in groups:
-        group["weight_decay"] = coupled_wd / group["lr_scale"] if coupled_wd else 0.0
+        group["weight_decay"] = coupled_wd / group.get("wd_divisor", group["lr_scale"]) if coupled_wd else 0.0
         group["peak_lr"] = train_cfg["lr"] * group["lr_scale"]
     optimizers: list[torch.optim.Optimizer] = [torch.optim.SGD(
         [g for g in groups if g["params"]], lr=train_cfg["lr"], momentum=train_cfg["momentum"],
@@ -149,6 +151,28 @@ def make_optimizers(model: nn.Module, train_cfg: dict[str, Any],
         muon.param_groups[0].update(peak_lr=train_cfg["muon"]["lr"], wd=0.0)
         optimizers.append(muon)
     return optimizers
+
+
+def layer_lr_scales(model: nn.Module, lr_mult: float) -> dict[int, float]:
+    """Discriminative learning rates for fine-tuning, as fastai's slice(lr / lr_mult, lr): the network's layer
+    groups (input to output, `layer_groups()`) get multipliers spaced geometrically from 1 / lr_mult to 1, so the
+    early, general layers move least. (The params check allows lr_mult only for models that have layer groups.)"""
+    layer_groups = model.net.layer_groups()
+    last = max(1, len(layer_groups) - 1)
+    return {id(p): lr_mult ** ((index - last) / last)
+            for index, modules in enumerate(layer_groups) for module in modules for p in module.parameters()}
+
+
+def split_by_layer(groups: list[dict[str, Any]], scales: dict[int, float]) -> list[dict[str, Any]]:
+    """Each parameter group split by layer multiplier (`layer_lr_scales`), which multiplies its lr_scale. Weight
+    decay is not scaled up to match: it shrinks the early layers as slowly as they learn, which keeps them near
+    their pretrained values (as fastai, whose decay follows each group's rate)."""
+    split = []
+    for group in groups:
+        for scale in sorted({scales.get(id(p), 1.0) for p in group["params"]}):
+            split.append({"params": [p for p in group["params"] if scales.get(id(p), 1.0) == scale],
+                          "lr_scale": group["lr_scale"] * scale, "wd": group["wd"], "wd_divisor": group["lr_scale"]})
+    return split
 
 
 def set_lr(optimizers: list[torch.optim.Optimizer], factor: float) -> None:

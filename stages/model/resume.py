@@ -10,9 +10,10 @@ from typing import Any, Callable
 
 import torch
 
-from stages.base.paths import META_JSON, PACKAGE_DIR, RESUME_PATH, TRAIN_SPLIT, VAL_SPLIT, code_closure
+from stages.base.paths import (FEATURES_TRAIN, FEATURES_VAL, META_JSON, PACKAGE_DIR, RESUME_PATH, TRAIN_SPLIT,
+                               VAL_SPLIT, code_closure)
 from stages.base.runtime import PipelineError, file_digest
-from stages.model.nets import pretrained_weights
+from stages.model.weights import weights_file
 from stages.model.tensors import load_torch, save_torch
 
 RESUME_FIELDS = frozenset({"fingerprint", "member", "members", "selections", "epoch", "elapsed", "history", "model",
@@ -38,15 +39,19 @@ class Progress:
 
 
 def fingerprint(params: dict[str, Any], world: int) -> str:
-    """Identifies a training run: the train params, the data files, the pretrained weights, the code training
+    """Identifies a training run: the train params, the data files, the starting weights, the code training
     runs (every stages module `python -m stages.train` imports), the torch version and the process count. A
     resume checkpoint from any other run is ignored, so an edit to the code never resumes from weights of the old
     code."""
     digest = hashlib.sha256(json.dumps(params["train"], sort_keys=True).encode())
     files = [TRAIN_SPLIT, VAL_SPLIT, META_JSON]
     files += [PACKAGE_DIR.parent / path for path in code_closure("stages.train")]
-    if params["train"]["pretrained"] != "none":  # pretrained_weights: the clear error for a missing file
-        files.append(pretrained_weights(params["train"]["pretrained"]))
+    train = params["train"]
+    for key in ("pretrained", "init"):  # weights_file: the clear error for a missing file
+        if train[key] != "none":
+            files.append(weights_file(key, train[key], train["model"]))
+    if train["cache_features"]:
+        files += [FEATURES_TRAIN, FEATURES_VAL]
     for path in files:
         digest.update(file_digest(path).encode())
     digest.update(f"{torch.__version__} world={world}".encode())
