@@ -31,7 +31,7 @@ from stages.base.config import set_dotted
 from repo_root import REPO_ROOT
 
 BIN_DIR = Path(sys.executable).parent  # not resolved: a venv's python is a link out of the venv
-STAGES = ("download", "normalize", "train", "export", "evaluate", "report")
+STAGES = ("download", "normalize", "features", "train", "export", "evaluate", "report")
 
 # Besides the stages' own dependencies (read from dvc.yaml), what a clone needs to run the pipeline.
 # plots/template.html: .dvc/config points `dvc plots show` at it (the offline page).
