@@ -23,6 +23,7 @@ from stages.base.paths import (CALIBRATION_CSV, MODEL_PATH, PER_CLASS_CSV, PER_C
                                TEST_METRICS, TEST_SPLIT)
 from stages.base.runtime import PipelineError, log, run_stage, write_json, write_text
 from stages.model.checkpoint import load_checkpoint
+from stages.model.embeddings import cached_test_logits
 from stages.model.health import one_class_warning
 from stages.model.nets import infer, inference_settings, model_from_checkpoint
 from stages.model.scores import ClassScores, class_scores, confusion_counts
@@ -125,7 +126,10 @@ def evaluate(params: dict) -> None:
     device = pick_device()
     model = model_from_checkpoint(checkpoint)
     settings = inference_settings(checkpoint["model"], checkpoint.get("train") or {}, device)
-    logits = infer(model, images, batch_size=cfg["batch_size"], tta=cfg["tta"], settings=settings)
+    # a head trained on cached embeddings is scored on the cached test embeddings: no backbone work to rerun
+    logits = cached_test_logits(checkpoint, model, cfg["tta"], images.shape[0], settings)
+    if logits is None:
+        logits = infer(model, images, batch_size=cfg["batch_size"], tta=cfg["tta"], settings=settings)
 
     loss = F.cross_entropy(logits, labels).item()
     probabilities = logits.softmax(1)

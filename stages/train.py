@@ -56,7 +56,12 @@ from stages.model.weights import load_imagenet_weights, load_init_checkpoint
 
 HISTORY_COLUMNS = ("member", "epoch", "train_loss", "train_acc", "val_loss", "val_acc", "val_macro_f1", "lr")
 WHITENING_SAMPLE = 5000  # images used to estimate the airnet stem's patch covariance
-BATCHNORM_MIN_BATCH = 32  # train.fine_tune.batchnorm auto: smaller batches keep the pretrained statistics
+# train.fine_tune.batchnorm auto keeps the pretrained BatchNorm statistics unless the unfrozen run has batches of at
+# least BATCHNORM_MIN_BATCH images and BATCHNORM_MIN_STEPS steps: EfficientNet's statistics move 1% a step (momentum
+# 0.01), so a shorter run leaves them between two domains, which cost 28 points on 1,000 CIFAR-10 images
+# (BENCHMARKS.md), and small batches estimate them badly.
+BATCHNORM_MIN_BATCH = 32
+BATCHNORM_MIN_STEPS = 1000
 TRAIN_JSON_NUMBERS = {"train": {"loss": "train_loss", "acc": "train_acc"},  # section -> its name -> score name
                       "val": {"loss": "val_loss", "acc": "val_acc", "macro_f1": "val_macro_f1"}}
 
@@ -173,15 +178,23 @@ def initial_model(run: Run) -> tuple[ImageClassifier, dict[str, Any] | None]:
     if hasattr(model.net, "init_from_data") and starting is None:
         model.net.init_from_data(model.normalize(run.train_images[:WHITENING_SAMPLE].cpu()))
     if hasattr(model.net, "fine_tuning"):
-        batchnorm = cfg["fine_tune"]["batchnorm"]
-        per_process_batch = cfg["batch_size"] // run.world
-        frozen_statistics = batchnorm == "frozen" or (batchnorm == "auto" and per_process_batch < BATCHNORM_MIN_BATCH)
-        model.net.fine_tuning(math.inf if cfg["freeze_backbone"] else cfg["fine_tune"]["frozen_epochs"],
-                              frozen_statistics)
+        frozen_epochs = math.inf if cfg["freeze_backbone"] else cfg["fine_tune"]["frozen_epochs"]
+        model.net.fine_tuning(frozen_epochs, frozen_statistics(run, frozen_epochs, starting is not None))
     model.to(run.device)
     if run.inference.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, starting
+
+
+def frozen_statistics(run: Run, frozen_epochs: float, from_weights: bool) -> bool:
+    """Whether BatchNorm keeps its running statistics once the backbone trains (train.fine_tune.batchnorm)."""
+    batchnorm = run.cfg["fine_tune"]["batchnorm"]
+    if batchnorm != "auto":
+        return batchnorm == "frozen"
+    frozen_steps = min(run.schedule.total_steps, frozen_epochs * run.schedule.steps_per_epoch)  # inf: all
+    unfrozen_steps = run.schedule.total_steps - round(frozen_steps)
+    small_batch = run.cfg["batch_size"] // run.world < BATCHNORM_MIN_BATCH
+    return from_weights and (small_batch or unfrozen_steps < BATCHNORM_MIN_STEPS)
 
 
 def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:

@@ -122,7 +122,9 @@ TINY_RUN: dict[str, dict[str, Any]] = {
     "fc": {"train.epochs": 2, "train.batch_size": 256},
     "airnet": {"train.epochs": 2, "train.batch_size": 256, "train.airnet.widths": [8, 16, 16]},
     "airnet-fast": {"train.epochs": 3, "train.batch_size": 256, "train.airnet.widths": [8, 16, 16]},
-    "transfer": {"train.epochs": 1, "train.batch_size": 256, "train.resnet18.input_size": 32},
+    "transfer": {"train.epochs": 2, "train.batch_size": 64, "train.efficientnet_lite0.input_size": 32,
+                 "export.check_images": 16},
+    "transfer-fast": {"train.efficientnet_lite0.input_size": 32, "export.check_images": 16},
     "offline": {"train.epochs": 2, "train.batch_size": 256},
 }
 
@@ -139,19 +141,18 @@ def shown_value(shown: Any) -> Any:
 @pytest.fixture(scope="module")
 def preset_repo(baseline: Baseline, tmp_path_factory: pytest.TempPathFactory) -> PipelineRepo:
     """The baseline with the repository's own params.yaml (comments and all), the presets and their command, and
-    random ResNet-18 weights where the transfer preset looks for them."""
-    import torch
-    import torchvision
+    EfficientNet-Lite0's ImageNet weights (from the transfer extra's package) where the transfer presets look."""
+    from test_transfer import package_weights
 
     repo = baseline.repo.copy_to(tmp_path_factory.mktemp("presets") / "repo")
     shutil.copy(REPO_ROOT / "params.yaml", repo.path / "params.yaml")
     shutil.copytree(REPO_ROOT / "presets", repo.path / "presets")
     (repo.path / "tools").mkdir()
     shutil.copy(REPO_ROOT / "tools/preset.py", repo.path / "tools/preset.py")
-    torch.manual_seed(0)
-    pretrained = repo.path / preset.read_preset("transfer")["train.pretrained"]
-    pretrained.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(torchvision.models.resnet18(weights=None).state_dict(), pretrained)
+    for name in ("transfer", "transfer-fast"):
+        pretrained = repo.path / preset.read_preset(name)["train.pretrained"]
+        pretrained.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(package_weights(), pretrained)
     repo.commit("the repository's params.yaml and the presets")
     return repo
 

@@ -201,15 +201,18 @@ def test_discriminative_learning_rates_span_lr_over_lr_mult_to_lr() -> None:
     assert all(p.requires_grad for p in model.parameters())
 
 
-def test_staged_fine_tuning_end_to_end_changes_the_backbone(workdir: Path) -> None:
+@pytest.mark.parametrize("batchnorm", ["auto", "train"])
+def test_staged_fine_tuning_end_to_end_changes_the_backbone(workdir: Path, batchnorm: str) -> None:
+    """After the frozen epoch the backbone's weights train; its BatchNorm statistics follow the new data only when
+    asked to (auto keeps them for a run this short: 6 steps, far below BATCHNORM_MIN_STEPS)."""
     tiny_params(workdir, **{**TRANSFER, "train.freeze_backbone": False, "train.fine_tune.frozen_epochs": 1,
-                            "train.fine_tune.lr_mult": 10, "train.lr": 0.01})
+                            "train.fine_tune.lr_mult": 10, "train.lr": 0.01, "train.fine_tune.batchnorm": batchnorm})
     train(load_params())
     trained = load_checkpoint(workdir / "models" / "model.pth")["state_dicts"][0]
     original = torch.load(package_weights(), map_location="cpu", weights_only=True)
     assert not torch.equal(trained["net._conv_stem.weight"], original["_conv_stem.weight"])
-    # batch 40 is above BATCHNORM_MIN_BATCH: the statistics followed the new data in the unfrozen epoch
-    assert not torch.equal(trained["net._bn0.running_mean"], original["_bn0.running_mean"])
+    statistics_kept = torch.equal(trained["net._bn0.running_mean"], original["_bn0.running_mean"])
+    assert statistics_kept == (batchnorm == "auto")
 
 
 # ---------------------------------------------------------------- starting from an earlier checkpoint
@@ -281,6 +284,30 @@ def test_cached_features_train_the_model_the_live_path_trains(workdir: Path) -> 
             assert torch.allclose(live[key], cached[key], atol=1e-5), key
         else:
             assert torch.equal(live[key], cached[key]), key
+
+
+def test_evaluate_scores_a_head_only_model_on_the_cached_test_embeddings(workdir: Path) -> None:
+    """The cached test embeddings give the full model's test logits (plain, and with the mirrored view for tta 2),
+    and are used only for the backbone they came from."""
+    from stages.model.embeddings import cached_test_logits
+    from stages.model.nets import infer, inference_settings, model_from_checkpoint
+    from stages.model.tensors import load_split
+
+    tiny_params(workdir, **{**TRANSFER, "train.cache_features": True, "evaluate.tta": 2})
+    run_features_stage(workdir)
+    train(load_params())
+    checkpoint = load_checkpoint(workdir / "models" / "model.pth")
+    model = model_from_checkpoint(checkpoint)
+    images, _ = load_split(workdir / "data/prepared/test.pt")
+    settings = inference_settings(checkpoint["model"], checkpoint["train"], torch.device("cpu"))
+    for tta in (1, 2):
+        cached = cached_test_logits(checkpoint, model, tta, images.shape[0], settings)
+        assert cached is not None
+        full = infer(model, images, batch_size=50, tta=tta, settings=settings)
+        assert torch.allclose(cached, full, atol=1e-4) and torch.equal(cached.argmax(1), full.argmax(1))
+    assert cached_test_logits(checkpoint, model, 6, images.shape[0], settings) is None  # shifted views
+    other = {**checkpoint, "pretrained": {**checkpoint["pretrained"], "sha256": "0" * 64}}
+    assert cached_test_logits(other, model, 1, images.shape[0], settings) is None  # another backbone
 
 
 def test_stale_cached_features_are_refused(workdir: Path) -> None:

@@ -27,6 +27,7 @@ META_JSON = PREPARED_DIR / "meta.json"
 FEATURES_DIR = Path("data/features")
 FEATURES_TRAIN = FEATURES_DIR / "train.pt"
 FEATURES_VAL = FEATURES_DIR / "val.pt"
+FEATURES_TEST = FEATURES_DIR / "test.pt"  # evaluate scores a head-only model on these (tta 1 or 2)
 FEATURES_JSON = FEATURES_DIR / "features.json"  # what the embeddings were computed with, or that none were
 
 # train

@@ -3,8 +3,12 @@ so the features stage computes it once, and the train stage then trains only the
 seconds instead of minutes. The training images are embedded twice when train.augment.flip mirrors them (plain
 and mirrored), so the head still sees the flips it would see on the fly.
 
+The test images are embedded too (and mirrored, for evaluate.tta 2), so that evaluate scores a head-only model
+without running the backbone again: a head experiment then reruns no backbone work at all.
+
 What the embeddings were computed with is recorded beside them (`expected_record`); train refuses embeddings
-that no longer match its params rather than train a head on the wrong ones."""
+that no longer match its params rather than train a head on the wrong ones, and evaluate uses the test embeddings
+only for a checkpoint whose backbone they came from (`cached_test_logits`)."""
 
 from __future__ import annotations
 
@@ -15,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from stages.base.paths import FEATURES_JSON
-from stages.base.runtime import PipelineError, file_digest, read_json
+from stages.base.paths import FEATURES_JSON, FEATURES_TEST
+from stages.base.runtime import PipelineError, file_digest, log, read_json
 from stages.dataset.augment import apply_flips
 from stages.model.nets import Ensemble, ImageClassifier, InferenceSettings
 from stages.model.tensors import load_torch
@@ -28,7 +32,8 @@ COMPARED = ("model", "input_size", "weights", "mirrored", "images")
 
 
 def expected_record(cfg: dict[str, Any], n_train: int, n_val: int) -> dict[str, Any]:
-    """features.json for the train config `cfg` (with precision_used) and the split sizes: what must match."""
+    """What features.json must say (COMPARED) for the train config `cfg` (with precision_used) and the split sizes;
+    the features stage adds what it embedded of the test split."""
     weights = cfg["pretrained"] if cfg["pretrained"] != "none" else cfg["init"]
     return {"model": cfg["model"], "input_size": cfg[cfg["model"]]["input_size"],
             "weights": {"path": weights, "sha256": file_digest(weights)}, "precision": cfg["precision_used"],
@@ -106,3 +111,30 @@ def head_logits(model: ImageClassifier | Ensemble, features: torch.Tensor, setti
         with torch.autocast(settings.device.type, dtype=settings.dtype, enabled=settings.dtype is not None):
             logits.append(member.net.classify(features.to(settings.device)).float().cpu())
     return torch.stack(logits).mean(0)
+
+
+def cached_test_logits(checkpoint: dict[str, Any], model: ImageClassifier | Ensemble, tta: int, n_test: int,
+                       settings: InferenceSettings) -> torch.Tensor | None:
+    """The test logits from the cached test embeddings, when `checkpoint` was trained on cached features and they
+    are the embeddings of its backbone (same weights file, input size, test split) for this TTA (1: plain, 2: plain
+    and mirrored, averaged as stages.dataset.augment.tta_views weighs them); None otherwise, with a line saying why
+    when the checkpoint was trained on cached features."""
+    train = checkpoint.get("train") or {}
+    if not train.get("cache_features"):
+        return None
+    record = read_json(FEATURES_JSON, "cached features record") if FEATURES_JSON.is_file() else {}
+    test = record.get("test") or {}
+    starting = checkpoint.get("pretrained") or {}
+    model_config = checkpoint.get("model_config") or {}
+    reasons = [reason for wrong, reason in (
+        (record.get("model") != checkpoint["model"] or record.get("input_size") != model_config.get("input_size")
+         or (record.get("weights") or {}).get("sha256") != starting.get("sha256"), "they are of another backbone"),
+        (test.get("images") != n_test, "they are of another test split"),
+        (tta not in (1, 2), f"evaluate.tta {tta} shifts images, which only the full model can"),
+        (tta == 2 and not test.get("mirrored"), "they lack the mirrored view that evaluate.tta 2 needs")) if wrong]
+    if reasons:
+        log(f"evaluating with the full model, not the cached test embeddings: {reasons[0]}")
+        return None
+    cached = load_torch(FEATURES_TEST, "cached features")
+    views = [cached["plain"]] + ([cached["mirrored"]] if tta == 2 else [])
+    return sum(head_logits(model, view, settings) for view in views) / len(views)
