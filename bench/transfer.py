@@ -9,6 +9,11 @@ row, timed whole (download to report), side by side on this host:
 
     python bench/transfer.py                        # all rows
     python bench/transfer.py transfer -S train.epochs=12   # some rows, with params on top of their presets
+    python bench/transfer.py --full                 # all 50,000 training images: points of the accuracy-time curve
+
+With --full the rows are the 5-minute from-scratch preset (airnet-fast), transfer-fast, and one epoch of
+fine-tuning (the first tenth of it head only) (the default from-scratch recipe's own point, 91.4% in about 18 min on AMD Zen 4, is in
+BENCHMARKS.md); the question is where, on a 2-core CPU, transfer overtakes training from scratch.
 
 Each row starts from the committed baseline params (the subset as data.source); the weights come from the
 documented offline step (python tools/get_pretrained.py efficientnet_lite0). The "stages run" column is what
@@ -46,6 +51,11 @@ ROWS = {  # name -> (preset whose params the row applies, extra dvc exp run argu
     "head-only rerun": ("transfer-fast", HEAD_CHANGE, False),
     "transfer": ("transfer", [], True),
 }
+FULL_ROWS = {
+    "scratch, fast": ("airnet-fast", [], True),
+    "transfer-fast": ("transfer-fast", [], True),
+    "transfer, 1 epoch": ("transfer", ["-S", "train.epochs=1", "-S", "train.fine_tune.frozen_epochs=0.1"], True),
+}
 
 
 def subset_zip(target: Path) -> dict[str, int]:
@@ -75,8 +85,9 @@ def run(root: Path, *command: str) -> str:
     return result.stdout
 
 
-def make_repo() -> Path:
-    """The checkout's tracked files in a new git + DVC repository whose params.yaml reads the subset."""
+def make_repo(full: bool) -> Path:
+    """The checkout's tracked files in a new git + DVC repository whose params.yaml reads the subset (or, with
+    `full`, the whole JPEG copy, linked)."""
     root = Path(tempfile.mkdtemp(prefix="cifar-transfer-"))
     tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO_ROOT, text=True,
                              check=True, stdout=subprocess.PIPE).stdout.split()
@@ -86,10 +97,15 @@ def make_repo() -> Path:
         (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO_ROOT / name, root / name)
     params = root / "params.yaml"
-    params.write_text(params.read_text().replace("  source: cifar10\n", f"  source: {SUBSET}\n", 1))
-    counts = subset_zip(root / SUBSET)
-    print(f"workspace: {root}\ntraining images per class (before the {yaml.safe_load(params.read_text())['data']['val_fraction']:.0%} "
-          f"validation split): {counts}", flush=True)
+    source = "data/sources/cifar10-jpeg.zip" if full else SUBSET
+    params.write_text(params.read_text().replace("  source: cifar10\n", f"  source: {source}\n", 1))
+    print(f"workspace: {root}")
+    if full:
+        (root / source).symlink_to(CIFAR_JPEG_ZIP)
+    else:
+        counts = subset_zip(root / SUBSET)
+        print(f"training images per class (before the validation split, data.val_fraction "
+              f"{yaml.safe_load(params.read_text())['data']['val_fraction']}): {counts}", flush=True)
     for command in (["git", "init", "-q", "-b", "main"], ["git", "config", "user.email", "bench@localhost"],
                     ["git", "config", "user.name", "bench"], ["git", "add", "-A"],
                     ["git", "commit", "-qm", "baseline: the subset"]):
@@ -106,38 +122,44 @@ def exp_run(root: Path, preset: str | None, extra: list[str]) -> tuple[float, li
     output = run(root, "dvc", "exp", "run", *args)
     seconds = time.perf_counter() - start
     stages = re.findall(r"Running stage '([^']+)'", output)
-    test = json.loads((root / "metrics" / "test.json").read_text())
-    return seconds, stages, test["test"]
+    test = json.loads((root / "metrics" / "test.json").read_text())["test"]
+    if "train" in stages:
+        test["train_seconds"] = json.loads((root / "metrics" / "train_time.json").read_text())["train_time"]["seconds"]
+    return seconds, stages, test
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("rows", nargs="*", help=f"rows to run (default: all): {', '.join(ROWS)}")
+    parser.add_argument("--full", action="store_true", help="all 50,000 training images, the full-data rows")
     parser.add_argument("-S", "--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a param on top of every row's preset, as dvc exp run -S takes it")
     args = parser.parse_args()
-    rows = args.rows or list(ROWS)
-    if unknown := [name for name in rows if name not in ROWS]:
-        parser.error(f"unknown rows {unknown}: choose from {', '.join(ROWS)}")
+    table = FULL_ROWS if args.full else ROWS
+    rows = args.rows or list(table)
+    if unknown := [name for name in rows if name not in table]:
+        parser.error(f"unknown rows {unknown}: choose from {', '.join(table)}")
     extra = [item for value in args.set for item in ("-S", value)]
-    header(f"transfer learning on {PER_CLASS} CIFAR-10 JPEG training images per class (seed {SUBSET_SEED}), the "
-           f"full 10,000-image test set; one dvc exp run per row" + "".join(f", {value}" for value in args.set))
+    data = ("all CIFAR-10 JPEG training images" if args.full
+            else f"{PER_CLASS} CIFAR-10 JPEG training images per class (seed {SUBSET_SEED})")
+    header(f"transfer learning on {data}, the full 10,000-image test set; one dvc exp run per row" + "".join(f", {value}" for value in args.set))
     if not CIFAR_JPEG_ZIP.is_file():
         sys.exit(f"skipped: {CIFAR_JPEG_ZIP} not found (benchmarks need the real CIFAR-10 JPEG copy)")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     # The stages' commands say `python -m ...`: this interpreter's folder first, as the Makefile does.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
-    root = make_repo()
-    print(f"\n| row | command | test accuracy | dvc exp run wall time | stages run |\n| --- | --- | --- | --- | --- |",
+    root = make_repo(args.full)
+    print(f"\n| row | command | test accuracy | dvc exp run wall time | of it training | stages run |\n| --- | --- | --- | --- | --- | --- |",
           flush=True)
     for name in rows:
-        preset, row_args, from_baseline = ROWS[name]
+        preset, row_args, from_baseline = table[name]
         if from_baseline:
             run(root, "git", "checkout", "params.yaml")
         seconds, stages, test = exp_run(root, preset, row_args + extra)
         command = " ".join(["dvc exp run"] + ([f"(presets/{preset}.yaml)"] if preset and from_baseline else [])
                            + row_args + extra)
-        print(f"| {name} | `{command}` | {test['acc']:.2%} | {seconds:.0f} s | {', '.join(stages)} |", flush=True)
+        print(f"| {name} | `{command}` | {test['acc']:.2%} | {seconds:.0f} s | {test.get('train_seconds', 0):.0f} s | "
+              f"{', '.join(stages)} |", flush=True)
 
 
 if __name__ == "__main__":
