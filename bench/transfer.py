@@ -54,7 +54,8 @@ ROWS = {  # name -> (preset whose params the row applies, extra dvc exp run argu
 FULL_ROWS = {
     "scratch, fast": ("airnet-fast", [], True),
     "transfer-fast": ("transfer-fast", [], True),
-    "transfer, 1 epoch": ("transfer", ["-S", "train.epochs=1", "-S", "train.fine_tune.frozen_epochs=0.1"], True),
+    "transfer, 1 epoch": ("transfer", ["-S", "train.epochs=1", "-S", "train.fine_tune.frozen_epochs=0.1",
+                                       "-S", "evaluate.tta=2"], True),
 }
 
 
