@@ -12,7 +12,7 @@ row, timed whole (download to report), side by side on this host:
     python bench/transfer.py --full                 # all 50,000 training images: points of the accuracy-time curve
 
 With --full the rows are the 5-minute from-scratch preset (airnet-fast), transfer-fast, and one epoch of
-fine-tuning (the first tenth of it head only) (the default from-scratch recipe's own point, 91.4% in about 18 min on AMD Zen 4, is in
+fine-tuning (everything from the first step, 2-view TTA) (the default from-scratch recipe's own point, 91.4% in about 18 min on AMD Zen 4, is in
 BENCHMARKS.md); the question is where, on a 2-core CPU, transfer overtakes training from scratch.
 
 Each row starts from the committed baseline params (the subset as data.source); the weights come from the
@@ -54,7 +54,9 @@ ROWS = {  # name -> (preset whose params the row applies, extra dvc exp run argu
 FULL_ROWS = {
     "scratch, fast": ("airnet-fast", [], True),
     "transfer-fast": ("transfer-fast", [], True),
-    "transfer, 1 epoch": ("transfer", ["-S", "train.epochs=1", "-S", "train.fine_tune.frozen_epochs=0.1",
+    # frozen_epochs 0: the backbone unfreezes only at an epoch start, so any head-only share of a 1-epoch run
+    # would be all of it (the 2026-12-07 run's 0.1 trained only the head; BENCHMARKS.md)
+    "transfer, 1 epoch": ("transfer", ["-S", "train.epochs=1", "-S", "train.fine_tune.frozen_epochs=0",
                                        "-S", "evaluate.tta=2"], True),
 }
 
