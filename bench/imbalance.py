@@ -19,7 +19,8 @@ from pathlib import Path
 
 import yaml
 
-from workspace import CIFAR_JPEG_ZIP, REPO_ROOT, header, make_workspace, read_metrics, run_stage
+from workspace import (CIFAR_JPEG_ZIP, REPO_ROOT, header, make_workspace, members_by_split_and_class, read_metrics,
+                       run_stage)
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 from preset import read_preset  # noqa: E402  (tools/ is not a package)
@@ -34,11 +35,7 @@ def imbalanced_zip(target: Path, keep: float) -> dict[str, int]:
     """Copy the CIFAR-10 JPEG zip into `target`, keeping `keep` of the rare classes' images (train and test);
     returns the training images per class."""
     with zipfile.ZipFile(CIFAR_JPEG_ZIP) as source:
-        names = sorted(name for name in source.namelist() if name.lower().endswith(".jpg"))
-        by_class: dict[tuple[str, str], list[str]] = {}
-        for name in names:
-            *_, split, cls, _file = name.split("/")
-            by_class.setdefault((split, cls), []).append(name)
+        by_class = members_by_split_and_class(source)
         classes = sorted({cls for _, cls in by_class})
         rare = set(classes[:RARE_CLASSES])
         counts: dict[str, int] = {}

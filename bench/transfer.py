@@ -36,7 +36,7 @@ from pathlib import Path
 
 import yaml
 
-from workspace import CIFAR_JPEG_ZIP, REPO_ROOT, header
+from workspace import CIFAR_JPEG_ZIP, REPO_ROOT, header, members_by_split_and_class
 
 sys.path.insert(0, str(REPO_ROOT / "tools"))
 from preset import override_args  # noqa: E402  (tools/ is not a package)
@@ -64,11 +64,7 @@ FULL_ROWS = {
 def subset_zip(target: Path) -> dict[str, int]:
     """The JPEG zip with PER_CLASS training images per class (drawn by a seeded RNG) and the whole test split."""
     with zipfile.ZipFile(CIFAR_JPEG_ZIP) as source:
-        names = sorted(name for name in source.namelist() if name.lower().endswith(".jpg"))
-        by_class: dict[tuple[str, str], list[str]] = {}
-        for name in names:
-            *_, split, cls, _file = name.split("/")
-            by_class.setdefault((split, cls), []).append(name)
+        by_class = members_by_split_and_class(source)
         rng = random.Random(SUBSET_SEED)
         counts: dict[str, int] = {}
         with zipfile.ZipFile(target, "w", zipfile.ZIP_STORED) as out:

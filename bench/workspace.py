@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,15 @@ def machine() -> str:
     present = ", ".join(flag for flag in wanted if flag in flags) or "none of " + ", ".join(wanted)
     return (f"{cpu} (flags: {present}), {os.cpu_count()} cores, torch {torch.__version__}, "
             f"{torch.get_num_threads()} threads, python {platform.python_version()}")
+
+
+def members_by_split_and_class(archive: zipfile.ZipFile) -> dict[tuple[str, str], list[str]]:
+    """The JPEG copy's image members grouped by (split, class), each group in name order."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for name in sorted(name for name in archive.namelist() if name.lower().endswith(".jpg")):
+        *_, split, cls, _file = name.split("/")
+        groups.setdefault((split, cls), []).append(name)
+    return groups
 
 
 def header(title: str) -> None:
