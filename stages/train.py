@@ -18,7 +18,6 @@ resume.py."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -178,21 +177,19 @@ def initial_model(run: Run) -> tuple[ImageClassifier, dict[str, Any] | None]:
     if hasattr(model.net, "init_from_data") and starting is None:
         model.net.init_from_data(model.normalize(run.train_images[:WHITENING_SAMPLE].cpu()))
     if hasattr(model.net, "fine_tuning"):
-        frozen_epochs = math.inf if cfg["freeze_backbone"] else cfg["fine_tune"]["frozen_epochs"]
-        model.net.fine_tuning(frozen_epochs, frozen_statistics(run, frozen_epochs, starting is not None))
+        model.net.fine_tuning(run.schedule.frozen_steps, frozen_statistics(run, starting is not None))
     model.to(run.device)
     if run.inference.channels_last:
         model.to(memory_format=torch.channels_last)
     return model, starting
 
 
-def frozen_statistics(run: Run, frozen_epochs: float, from_weights: bool) -> bool:
+def frozen_statistics(run: Run, from_weights: bool) -> bool:
     """Whether BatchNorm keeps its running statistics once the backbone trains (train.fine_tune.batchnorm)."""
     batchnorm = run.cfg["fine_tune"]["batchnorm"]
     if batchnorm != "auto":
         return batchnorm == "frozen"
-    frozen_steps = min(run.schedule.total_steps, frozen_epochs * run.schedule.steps_per_epoch)  # inf: all
-    unfrozen_steps = run.schedule.total_steps - round(frozen_steps)
+    unfrozen_steps = run.schedule.total_steps - run.schedule.frozen_steps
     small_batch = run.cfg["batch_size"] // run.world < BATCHNORM_MIN_BATCH
     return from_weights and (small_batch or unfrozen_steps < BATCHNORM_MIN_STEPS)
 
@@ -222,17 +219,32 @@ def setup_member(run: Run, index: int, resume: dict[str, Any] | None) -> Member:
         if averaging is not None:
             averaging.state = {k: v.to(device) for k, v in resume["average"].items()}
         start_epoch = resume["epoch"]
-    # airnet freezes its stem bias after a few epochs; DDP must then expect a parameter without a gradient.
-    unused = hasattr(model.net, "on_epoch_start")
     forward_module: nn.Module = model
     if run.features is not None:
         forward_module = Head(model)
     elif run.world > 1:
-        forward_module = DistributedDataParallel(model, find_unused_parameters=unused)
+        forward_module = distributed(model, run.schedule)
     loss_fn = loss_function(cfg, device)
     selection = Selection.start(cfg, resume["selection"] if resume is not None else None)
     return Member(index, seed, model, forward_module, optimizers, scaler, averaging, loss_fn, dtype, orientations,
                   cutout_fill, start_epoch, selection, pretrained)
+
+
+def distributed(model: ImageClassifier, schedule: Schedule) -> DistributedDataParallel:
+    """`model` under DistributedDataParallel. DDP averages the gradients only of the parameters that require one
+    when it is built: a backbone frozen for the first steps (train.fine_tune.frozen_epochs) must be registered
+    all the same, or once it unfreezes each process would follow its own gradients (one frozen for the whole run
+    is left out, so nothing is sent for it). Parameters that go without a gradient for a while (that backbone,
+    airnet's stem bias after a few epochs) need find_unused_parameters."""
+    unfreezing = 0 < getattr(model.net, "frozen_steps", 0) < schedule.total_steps
+    frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad] if unfreezing else []
+    for parameter in frozen:
+        parameter.requires_grad_(True)
+    wrapped = DistributedDataParallel(model,
+                                      find_unused_parameters=bool(frozen) or hasattr(model.net, "on_epoch_start"))
+    for parameter in frozen:
+        parameter.requires_grad_(False)
+    return wrapped
 
 
 def announce(run: Run, member: Member) -> None:
@@ -333,7 +345,10 @@ def train_epoch(run: Run, member: Member, epoch: int) -> EpochStats:
     stats = EpochStats()
     next_log = run.cfg["log_every"]
     steps = run.schedule.steps_in(epoch)
+    stepwise = hasattr(member.model.net, "on_step")
     for step_in_epoch in range(steps):
+        if stepwise:
+            member.model.net.on_step(run.schedule.global_step(epoch, step_in_epoch))
         images, labels = training_batch(run, member, order, epoch, step_in_epoch, generator)
         logits, loss, stats.lr = optimizer_step(run, member, images, labels, epoch, step_in_epoch)
         stats.add(loss, logits, labels)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import shutil
 import subprocess
 import sys
@@ -17,12 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from stages.base.config import load_params
+from stages.base.config import load_params, resolve_phases
 from stages.base.runtime import ParamsError, PipelineError
 from stages.model.checkpoint import load_checkpoint, make_checkpoint
 from stages.model.embeddings import embed
 from stages.model.nets import InferenceSettings, build_model
-from stages.model.optim import make_optimizers
+from stages.model.optim import make_optimizers, plan_schedule
 from stages.model.tensors import save_torch
 from stages.model.weights import load_imagenet_weights, load_init_checkpoint
 from stages.train import train
@@ -173,18 +174,73 @@ def test_frozen_means_frozen(workdir: Path) -> None:
     assert checkpoint["pretrained"] == {"path": WEIGHTS_PATH, "sha256": WEIGHTS_SHA256, "head": False}
 
 
-def test_staged_fine_tuning_unfreezes_after_the_frozen_epochs() -> None:
+def test_staged_fine_tuning_unfreezes_at_the_first_unfrozen_step() -> None:
     model = build_model("efficientnet_lite0", {"input_size": 32, "dropout": 0.0}, 4, 32, [0.5] * 3, [0.5] * 3)
     net = model.net
-    net.fine_tuning(frozen_epochs=1, frozen_statistics=False)
+    net.fine_tuning(frozen_steps=3, frozen_statistics=False)
     model.train()
     assert not net._conv_stem.weight.requires_grad and net._fc.weight.requires_grad
     assert not net._bn0.training  # a frozen backbone keeps its BatchNorm statistics
-    net.on_epoch_start(1)
+    net.on_step(2)
+    assert not net._conv_stem.weight.requires_grad and not net._bn0.training
+    net.on_step(3)
     assert all(p.requires_grad for p in net.parameters()) and net._bn0.training
-    net.fine_tuning(frozen_epochs=0, frozen_statistics=True)  # small batches: statistics stay, weights train
+    net.fine_tuning(frozen_steps=0, frozen_statistics=True)  # small batches: statistics stay, weights train
     model.train()
     assert net._conv_stem.weight.requires_grad and not net._bn0.training and net._dropout.training
+
+
+@pytest.mark.parametrize("frozen_epochs, freeze_backbone, expected", [
+    (0.5, False, 3), ("50%", False, 6), (0, False, 0), (5, False, 12), (0, True, 12)])
+def test_the_head_phase_is_counted_in_steps(frozen_epochs: float | str, freeze_backbone: bool,
+                                             expected: int) -> None:
+    """6 steps an epoch, 2 epochs: a fractional head phase ends mid-epoch ("50%" is of the run); it never outlasts
+    the run, and freeze_backbone keeps the backbone frozen throughout."""
+    cfg = load_params(REPO_ROOT / "params.yaml")["train"]
+    cfg = resolve_phases({**cfg, "epochs": 2, "batch_size": 40, "freeze_backbone": freeze_backbone,
+                          "low_res": {"size": 0, "epochs": 0},
+                          "fine_tune": {**cfg["fine_tune"], "frozen_epochs": frozen_epochs}})
+    assert plan_schedule(cfg, 240, 1, 32).frozen_steps == expected
+
+
+def test_a_head_phase_of_half_an_epoch_unfreezes_the_backbone_mid_epoch(workdir: Path) -> None:
+    """frozen_epochs 0.5 in a one-epoch run: the backbone trains for the second half (it used to unfreeze only
+    at an epoch start, that is never); frozen_epochs 1 keeps it as the file has it."""
+    original = torch.load(package_weights(), map_location="cpu", weights_only=True)
+    stems = []
+    for frozen_epochs in (0.5, 1):
+        tiny_params(workdir, **{**TRANSFER, "train.freeze_backbone": False, "train.epochs": 1, "train.lr": 0.01,
+                                "train.fine_tune.frozen_epochs": frozen_epochs})
+        train(load_params())
+        stems.append(load_checkpoint(workdir / "models" / "model.pth")["state_dicts"][0]["net._conv_stem.weight"])
+    assert not torch.equal(stems[0], original["_conv_stem.weight"])
+    assert torch.equal(stems[1], original["_conv_stem.weight"])
+
+
+@pytest.mark.slow
+def test_two_processes_average_the_gradients_of_a_backbone_that_unfreezes(workdir: Path) -> None:
+    """DistributedDataParallel averages only the parameters that needed a gradient when it was built: a backbone
+    frozen at that time must be registered all the same. With BatchNorm statistics and dropout out of the way,
+    2 gloo processes move the backbone as 1 process does, up to summation order (a process that followed its
+    own half-batch gradients would be off by a sizeable part of the move)."""
+    settings = {**TRANSFER, "train.freeze_backbone": False, "train.epochs": 1, "train.lr": 0.05,
+                "train.fine_tune.frozen_epochs": 0.5, "train.fine_tune.batchnorm": "frozen",
+                "train.efficientnet_lite0.dropout": 0.0}
+    tiny_params(workdir, **settings)
+    train(load_params())
+    single = load_checkpoint(workdir / "models" / "model.pth")["state_dicts"][0]
+    tiny_params(workdir, **settings, **{"train.nproc": 2})
+    result = subprocess.run([sys.executable, "-m", "stages.train"], cwd=workdir, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO_ROOT)},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "2 processes" in result.stdout
+    double = load_checkpoint(workdir / "models" / "model.pth")["state_dicts"][0]
+    original = torch.load(package_weights(), map_location="cpu", weights_only=True)
+    for key in ("_conv_stem.weight", "_blocks.8._project_conv.weight", "_conv_head.weight"):
+        moved = (single[f"net.{key}"] - original[key]).norm()
+        assert moved > 0, key
+        assert (double[f"net.{key}"] - single[f"net.{key}"]).norm() < 1e-3 * moved, key
 
 
 def test_discriminative_learning_rates_span_lr_over_lr_mult_to_lr() -> None:

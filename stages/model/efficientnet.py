@@ -96,23 +96,29 @@ class EfficientNetLite0(nn.Module):
         self._bn1 = batch_norm(FEATURES)
         self._dropout = nn.Dropout(dropout)
         self._fc = nn.Linear(FEATURES, num_classes)
-        self.frozen_epochs: float = 0.0
+        self.frozen_steps = 0
         self.frozen_statistics = False
         self.backbone_frozen = False
 
     # ------------------------------------------------------------ fine-tuning
 
-    def fine_tuning(self, frozen_epochs: float, frozen_statistics: bool) -> None:
-        """Train only the classifier for the first `frozen_epochs` epochs (math.inf: always), then everything.
-        `frozen_statistics`: BatchNorm keeps its running statistics (eval mode) even once the backbone trains, for
-        batches too small to estimate them; while the backbone is frozen they are always kept."""
-        self.frozen_epochs, self.frozen_statistics = frozen_epochs, frozen_statistics
-        self.on_epoch_start(0)
+    def fine_tuning(self, frozen_steps: int | float, frozen_statistics: bool) -> None:
+        """Train only the classifier for the first `frozen_steps` optimizer steps (math.inf: always), then
+        everything. `frozen_statistics`: BatchNorm keeps its running statistics (eval mode) even once the backbone
+        trains, for batches too small to estimate them; while the backbone is frozen they are always kept."""
+        self.frozen_steps, self.frozen_statistics = frozen_steps, frozen_statistics
+        self._freeze_backbone(0 < frozen_steps)
 
-    def on_epoch_start(self, epoch: int) -> None:
-        self.backbone_frozen = epoch < self.frozen_epochs
+    def on_step(self, step: int) -> None:
+        """Called before each optimizer step (0-based, counted over the whole run): the backbone unfreezes at
+        step `frozen_steps`, mid-epoch if that is where it falls (a 0.1-epoch head phase is 0.1 of an epoch)."""
+        if self.backbone_frozen != (step < self.frozen_steps):
+            self._freeze_backbone(step < self.frozen_steps)
+
+    def _freeze_backbone(self, frozen: bool) -> None:
+        self.backbone_frozen = frozen
         for name, parameter in self.named_parameters():
-            parameter.requires_grad_(not self.backbone_frozen or name.startswith("_fc."))
+            parameter.requires_grad_(not frozen or name.startswith("_fc."))
         self.train(self.training)
 
     def train(self, mode: bool = True) -> "EfficientNetLite0":

@@ -28,6 +28,7 @@ class Schedule:
     warmup_steps: int
     low_res_steps: int
     averaging_start: int
+    frozen_steps: int  # the first steps train only the classifier (train.fine_tune.frozen_epochs; freeze_backbone: all)
 
     def global_step(self, epoch: int, step_in_epoch: int) -> int:
         return epoch * self.steps_per_epoch + step_in_epoch
@@ -49,10 +50,12 @@ def plan_schedule(train_cfg: dict[str, Any], n_train: int, world: int, image_siz
     if low_res_steps and low_res_size >= image_size:  # the params check knows the model, not the image size
         raise PipelineError(f"train.low_res.size: {low_res_size} must be smaller than the images "
                             f"({image_size} px) to save time")
+    frozen_steps = total_steps if train_cfg["freeze_backbone"] else \
+        min(total_steps, round(train_cfg["fine_tune"]["frozen_epochs"] * steps_per_epoch))
     return Schedule(steps_per_epoch=steps_per_epoch, total_steps=total_steps,
                     epochs=math.ceil(total_steps / steps_per_epoch),
                     warmup_steps=round(train_cfg["warmup_epochs"] * steps_per_epoch), low_res_steps=low_res_steps,
-                    averaging_start=round(train_cfg["averaging_start"] * steps_per_epoch))
+                    averaging_start=round(train_cfg["averaging_start"] * steps_per_epoch), frozen_steps=frozen_steps)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, schedule: str) -> float:
