@@ -11,9 +11,11 @@ row, timed whole (download to report), side by side on this host:
     python bench/transfer.py transfer -S train.epochs=12   # some rows, with params on top of their presets
     python bench/transfer.py --full                 # all 50,000 training images: points of the accuracy-time curve
 
-With --full the rows are the 5-minute from-scratch preset (airnet-fast), transfer-fast, and one epoch of
-fine-tuning (everything from the first step, 2-view TTA) (the default from-scratch recipe's own point, 91.4% in about 18 min on AMD Zen 4, is in
-BENCHMARKS.md); the question is where, on a 2-core CPU, transfer overtakes training from scratch.
+With --full the rows are the fast from-scratch preset (airnet-fast), transfer-fast, and one, two and three epochs
+of fine-tuning (everything from the first step, 2-view TTA). The default from-scratch recipe's own point (91.4% in
+18.4 min on one AMD Zen 4, 36.1 min on another of half its speed) is in BENCHMARKS.md: airnet-fast's time in the
+same run says which speed of host this is. The question is where, on a 2-core CPU, transfer overtakes training
+from scratch.
 
 Each row starts from the committed baseline params (the subset as data.source); the weights come from the
 documented offline step (python tools/get_pretrained.py efficientnet_lite0). The "stages run" column is what
@@ -54,10 +56,14 @@ ROWS = {  # name -> (preset whose params the row applies, extra dvc exp run argu
 FULL_ROWS = {
     "scratch, fast": ("airnet-fast", [], True),
     "transfer-fast": ("transfer-fast", [], True),
-    # frozen_epochs 0: the backbone unfreezes only at an epoch start, so any head-only share of a 1-epoch run
-    # would be all of it (the 2026-12-07 run's 0.1 trained only the head; BENCHMARKS.md)
+    # frozen_epochs 0: everything trains from the first step, the whole budget is fine-tuning (the 2026-12-07
+    # 14:32 run's 0.1 trained only the head: the backbone unfroze only at an epoch start then; BENCHMARKS.md)
     "transfer, 1 epoch": ("transfer", ["-S", "train.epochs=1", "-S", "train.fine_tune.frozen_epochs=0",
                                        "-S", "evaluate.tta=2"], True),
+    "transfer, 2 epochs": ("transfer", ["-S", "train.epochs=2", "-S", "train.fine_tune.frozen_epochs=0",
+                                        "-S", "evaluate.tta=2"], True),
+    "transfer, 3 epochs": ("transfer", ["-S", "train.epochs=3", "-S", "train.fine_tune.frozen_epochs=0",
+                                        "-S", "evaluate.tta=2"], True),
 }
 
 
