@@ -58,12 +58,9 @@ FULL_ROWS = {
     "transfer-fast": ("transfer-fast", [], True),
     # frozen_epochs 0: everything trains from the first step, the whole budget is fine-tuning (the 2026-12-07
     # 14:32 run's 0.1 trained only the head: the backbone unfroze only at an epoch start then; BENCHMARKS.md)
-    "transfer, 1 epoch": ("transfer", ["-S", "train.epochs=1", "-S", "train.fine_tune.frozen_epochs=0",
-                                       "-S", "evaluate.tta=2"], True),
-    "transfer, 2 epochs": ("transfer", ["-S", "train.epochs=2", "-S", "train.fine_tune.frozen_epochs=0",
-                                        "-S", "evaluate.tta=2"], True),
-    "transfer, 3 epochs": ("transfer", ["-S", "train.epochs=3", "-S", "train.fine_tune.frozen_epochs=0",
-                                        "-S", "evaluate.tta=2"], True),
+    **{f"transfer, {epochs} epoch{'s' if epochs > 1 else ''}":
+       ("transfer", ["-S", f"train.epochs={epochs}", "-S", "train.fine_tune.frozen_epochs=0", "-S", "evaluate.tta=2"],
+        True) for epochs in (1, 2, 3)},
 }
 
 
@@ -147,15 +144,16 @@ def main() -> None:
     extra = [item for value in args.set for item in ("-S", value)]
     data = ("all CIFAR-10 JPEG training images" if args.full
             else f"{PER_CLASS} CIFAR-10 JPEG training images per class (seed {SUBSET_SEED})")
-    header(f"transfer learning on {data}, the full 10,000-image test set; one dvc exp run per row" + "".join(f", {value}" for value in args.set))
+    header(f"transfer learning on {data}, the full 10,000-image test set; one dvc exp run per row"
+           + "".join(f", {value}" for value in args.set))
     if not CIFAR_JPEG_ZIP.is_file():
         sys.exit(f"skipped: {CIFAR_JPEG_ZIP} not found (benchmarks need the real CIFAR-10 JPEG copy)")
     os.environ.setdefault("DVC_NO_ANALYTICS", "1")
     # The stages' commands say `python -m ...`: this interpreter's folder first, as the Makefile does.
     os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
     root = make_repo(args.full)
-    print(f"\n| row | command | test accuracy | dvc exp run wall time | of it training | stages run |\n| --- | --- | --- | --- | --- | --- |",
-          flush=True)
+    print("\n| row | command | test accuracy | dvc exp run wall time | of it training | stages run |\n"
+          "| --- | --- | --- | --- | --- | --- |", flush=True)
     for name in rows:
         preset, row_args, from_baseline = table[name]
         if from_baseline:

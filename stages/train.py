@@ -236,7 +236,7 @@ def distributed(model: ImageClassifier, schedule: Schedule) -> DistributedDataPa
     all the same, or once it unfreezes each process would follow its own gradients (one frozen for the whole run
     is left out, so nothing is sent for it). Parameters that go without a gradient for a while (that backbone,
     airnet's stem bias after a few epochs) need find_unused_parameters."""
-    unfreezing = 0 < getattr(model.net, "frozen_steps", 0) < schedule.total_steps
+    unfreezing = 0 < schedule.frozen_steps < schedule.total_steps
     frozen = [parameter for parameter in model.parameters() if not parameter.requires_grad] if unfreezing else []
     for parameter in frozen:
         parameter.requires_grad_(True)

@@ -79,7 +79,7 @@ class MBConvBlock(nn.Module):
 class EfficientNetLite0(nn.Module):
     """The network behind an upsampling step (CIFAR's 32 px would leave a 1x1 map after the stem and four
     stride-2 stages; ImageNet pictures are 224 px). Fine-tuning (`fine_tuning`) may keep the backbone frozen for
-    the first epochs, or for good, and its BatchNorm statistics with it."""
+    the first steps, or for good, and its BatchNorm statistics with it."""
 
     def __init__(self, num_classes: int, dropout: float, input_size: int = 224) -> None:
         super().__init__()
@@ -102,9 +102,9 @@ class EfficientNetLite0(nn.Module):
 
     # ------------------------------------------------------------ fine-tuning
 
-    def fine_tuning(self, frozen_steps: int | float, frozen_statistics: bool) -> None:
-        """Train only the classifier for the first `frozen_steps` optimizer steps (math.inf: always), then
-        everything. `frozen_statistics`: BatchNorm keeps its running statistics (eval mode) even once the backbone
+    def fine_tuning(self, frozen_steps: int, frozen_statistics: bool) -> None:
+        """Train only the classifier for the first `frozen_steps` optimizer steps (the run's length: always),
+        then everything. `frozen_statistics`: BatchNorm keeps its running statistics (eval mode) even once the backbone
         trains, for batches too small to estimate them; while the backbone is frozen they are always kept."""
         self.frozen_steps, self.frozen_statistics = frozen_steps, frozen_statistics
         self._freeze_backbone(0 < frozen_steps)
